@@ -1,0 +1,78 @@
+"""Attention over the paged KV cache.
+
+The KV cache of one layer is a flat array of slots `[num_blocks * block_size, KVH, hd]`; a
+sequence's context is the list of slots its block table points to. The model runner builds
+`AttentionMetadata` once per step and every layer reuses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """Query tokens of one sequence processed this step (a whole prompt or a chunk of it)."""
+
+    start: int  # offset of the first query token in the flat batch
+    num_tokens: int  # query tokens in this chunk
+    context_slots: torch.Tensor  # [C] cache slots of every context position, this chunk included
+    mask: torch.Tensor | None  # [q, C] True = attend; None = plain causal over the chunk alone
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens write K/V and what each query attends to.
+
+    NOTE: decode tokens (one per sequence) come first in the flat batch so they are served
+    by one batched attention call; prefill chunks follow, each its own call.
+    """
+
+    slot_mapping: torch.Tensor  # [T] cache slot for each new token's K/V
+    num_decode: int  # decode tokens at the front of the batch
+    decode_slots: torch.Tensor | None  # [B, L] cache slots of each decode sequence's context
+    decode_mask: torch.Tensor | None  # [B, 1, 1, L] True = attend (real, in-window positions)
+    prefills: list[PrefillChunk]
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, hd] (rotary applied)
+    k: torch.Tensor,  # [T, KVH, hd]
+    v: torch.Tensor,  # [T, KVH, hd]
+    k_cache: torch.Tensor,  # [S, KVH, hd]
+    v_cache: torch.Tensor,  # [S, KVH, hd]
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    """Writes this step's K/V into the cache, then attends; returns [T, H * hd]."""
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)  # [T, H, hd]
+    b = meta.num_decode
+    if b:
+        assert meta.decode_slots is not None
+        kc = k_cache[meta.decode_slots].transpose(1, 2)  # [B, KVH, L, hd]
+        vc = v_cache[meta.decode_slots].transpose(1, 2)  # [B, KVH, L, hd]
+        o = F.scaled_dot_product_attention(
+            q[:b].unsqueeze(2), kc, vc, attn_mask=meta.decode_mask, enable_gqa=True
+        )  # [B, H, 1, hd]
+        out[:b] = o.squeeze(2)
+    for chunk in meta.prefills:
+        sl = slice(chunk.start, chunk.start + chunk.num_tokens)
+        qs = q[sl].transpose(0, 1).unsqueeze(0)  # [1, H, q, hd]
+        if chunk.mask is None:  # no cached context: attend to the fresh K/V directly
+            kc, vc = k[sl], v[sl]  # [q, KVH, hd]
+        else:
+            kc, vc = k_cache[chunk.context_slots], v_cache[chunk.context_slots]  # [C, KVH, hd]
+        o = F.scaled_dot_product_attention(
+            qs,
+            kc.transpose(0, 1).unsqueeze(0),
+            vc.transpose(0, 1).unsqueeze(0),
+            attn_mask=chunk.mask,
+            is_causal=chunk.mask is None,
+            enable_gqa=True,
+        )  # [1, H, q, hd]
+        out[sl] = o[0].transpose(0, 1)
+    return out.flatten(1)

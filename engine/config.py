@@ -1,0 +1,72 @@
+"""Typed configuration of the engine layer; the serving layer builds one and passes it down."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.tokenizer import ChatTemplate
+
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CacheConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    block_size: int = Field(16, ge=1, le=1024)
+    # The KV pool is sized from `kv_cache_bytes` when set, else from a fraction of the memory
+    # still available after the weights are loaded.
+    kv_cache_bytes: int | None = Field(None, gt=0)
+    kv_cache_fraction: float = Field(0.25, gt=0.0, le=0.95)
+    enable_prefix_caching: bool = True
+
+
+class SchedulerConfig(BaseModel):
+    """The knobs a tier tunes: they trade latency against throughput."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    policy: Literal["fcfs", "priority"] = "fcfs"
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    dtype: DTypeName = "auto"
+    device: str = "cpu"
+    max_model_len: int | None = Field(None, ge=1)
+    chat_template: ChatTemplate = "mistral"
+    seed: int = 0
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    load_progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "EngineConfig":
+        if self.scheduler.max_num_batched_tokens < self.scheduler.max_num_seqs:
+            raise ValueError(
+                f"scheduler.max_num_batched_tokens ({self.scheduler.max_num_batched_tokens}) must be "
+                f">= scheduler.max_num_seqs ({self.scheduler.max_num_seqs}) so every running "
+                "sequence can decode in one step"
+            )
+        return self
+
+    def torch_dtype(self, checkpoint_dtype: str | None) -> torch.dtype:
+        """`auto`: float32 on CPU, else the checkpoint's dtype.
+
+        NOTE: on CPUs without AMX, PyTorch's bf16 matrix-vector products run several times
+        below memory bandwidth while fp32 runs near it, so fp32 decodes faster there even
+        though it reads twice the bytes.
+        """
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if self.device == "cpu":
+            return torch.float32
+        return _DTYPES.get(checkpoint_dtype or "bfloat16", torch.bfloat16)

@@ -1,0 +1,93 @@
+"""Offline API: `LLM(model=DIR).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling import SamplingParams
+from engine.sequence import TokenLogprob
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's result; `.token_ids`, `.text` and `.finish_reason` are its first choice's."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+
+class LLM:
+    def __init__(self, model: str, **engine_kwargs: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=str(model), **engine_kwargs))
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        params: SamplingParams | None = None,
+    ) -> list[GenerationResult]:
+        """Runs every prompt to completion in shared batches; results keep the input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        encoded = [
+            self.tokenizer.encode(p, add_bos=True) if isinstance(p, str) else list(p) for p in prompts
+        ]
+        return self._run(encoded, params or SamplingParams(), continuation=True)
+
+    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> GenerationResult:
+        """One assistant reply to a conversation, through the checkpoint's chat template."""
+        prompt_ids = self.engine.encode_chat(messages)
+        return self._run([prompt_ids], params or SamplingParams(), continuation=False)[0]
+
+    def _run(
+        self, prompts: list[list[int]], params: SamplingParams, continuation: bool
+    ) -> list[GenerationResult]:
+        results: dict[str, GenerationResult] = {}
+        for prompt_ids in prompts:
+            request_id = f"offline-{next(self._ids)}"
+            self.engine.add_request(request_id, prompt_ids, params, continuation=continuation)
+            results[request_id] = GenerationResult(
+                request_id, prompt_ids, [CompletionOutput(i) for i in range(params.n)]
+            )
+        while self.engine.has_unfinished:
+            for out in self.engine.step():
+                result = results[out.request_id]
+                result.num_cached_tokens = out.num_cached_tokens
+                for delta in out.choices:
+                    choice = result.outputs[delta.index]
+                    choice.token_ids.extend(delta.token_ids)
+                    choice.text += delta.text
+                    choice.logprobs.extend(delta.logprobs)
+                    choice.finish_reason = delta.finish_reason
+                    choice.stop_reason = delta.stop_reason
+        return list(results.values())

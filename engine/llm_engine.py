@@ -1,0 +1,286 @@
+"""The synchronous engine: requests in, one scheduled model step at a time, deltas out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_cache import BlockManager
+from engine.loader import load_model
+from engine.model_runner import ModelRunner, StepOutput, available_memory, kv_bytes_per_block
+from engine.outputs import ChoiceDelta, EngineStats, RequestError, RequestOutput
+from engine.sampling import SamplingParams, make_generator
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceStatus, TokenLogprob
+from engine.tokenizer import ChatMessage, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        model_dir = Path(config.model)
+        self.tokenizer = Tokenizer.from_dir(model_dir, config.chat_template)
+        self.device = torch.device(config.device)
+        torch.manual_seed(config.seed)
+        t0 = time.perf_counter()
+        ckpt_dtype = _checkpoint_dtype(model_dir)
+        self.dtype = config.torch_dtype(ckpt_dtype)
+        with torch.device(self.device):
+            self.model, self.model_config = load_model(model_dir, self.dtype, config.load_progress)
+        self.load_seconds = time.perf_counter() - t0
+        cfg = self.model_config
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        block_size = config.cache.block_size
+        per_block = kv_bytes_per_block(cfg, block_size, self.dtype)
+        budget = config.cache.kv_cache_bytes or int(available_memory(self.device) * config.cache.kv_cache_fraction)
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(f"KV cache budget of {budget} bytes is smaller than one block ({per_block} bytes)")
+        self.blocks = BlockManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, self.device, self.tokenizer.eos_id)
+        log.info(
+            "engine ready: %s in %s, loaded in %.1fs; KV cache %d blocks x %d tokens = %d tokens (%.1f MiB)",
+            model_dir, str(self.dtype).removeprefix("torch."), self.load_seconds,
+            num_blocks, block_size, num_blocks * block_size, num_blocks * per_block / 2**20,
+        )
+        self.requests: dict[str, list[Sequence]] = {}
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+        self._steps = 0
+        self._last_step = 0.0
+        self._last_batch = (0, 0)
+        self._expert_tokens = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long)
+
+    # ---- requests ------------------------------------------------------------------------
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.blocks.num_blocks * self.blocks.block_size
+
+    def encode_chat(self, messages: list[ChatMessage | dict]) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Rejects, before any work, a request that could never complete."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise RequestError("the prompt is empty", param="prompt")
+        if max(prompt_ids) >= self.model_config.vocab_size or min(prompt_ids) < 0:
+            raise RequestError(f"prompt token ids must be in [0, {self.model_config.vocab_size})", param="prompt")
+        wanted = n + (params.max_tokens or 0)
+        if n >= self.max_model_len or wanted > self.max_model_len:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{wanted} tokens ({n} in the prompt, {params.max_tokens or 0} in the completion). "
+                "Please reduce the prompt or max_tokens.",
+                param="max_tokens" if n < self.max_model_len else "prompt",
+            )
+        if wanted > self.kv_capacity_tokens:
+            raise RequestError(
+                f"the request needs {wanted} tokens of KV cache but the whole cache holds "
+                f"{self.kv_capacity_tokens}",
+                param="max_tokens",
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        continuation: bool = True,
+    ) -> int:
+        """Queues a request; returns its prompt length. `continuation=False` for chat replies."""
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
+        prompt_ids = self.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
+        self.validate(prompt_ids, params)
+        seqs: list[Sequence] = []
+        for index in range(params.n):
+            seed = None if params.seed is None else params.seed + index
+            seqs.append(
+                Sequence(
+                    request_id=request_id,
+                    index=index,
+                    token_ids=list(prompt_ids),
+                    num_prompt_tokens=len(prompt_ids),
+                    params=params,
+                    detokenizer=self.tokenizer.detokenizer(prompt_ids, continuation),
+                    generator=make_generator(seed, self.device),
+                    priority=priority,
+                    parent=seqs[0] if seqs else None,
+                )
+            )
+        self.requests[request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return len(prompt_ids)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stops a request now and frees its KV blocks; False when it is unknown or done."""
+        seqs = self.requests.pop(request_id, None)
+        if seqs is None:
+            return False
+        for seq in seqs:
+            if not seq.is_finished:
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = "abort"
+                self.scheduler.remove(seq)
+        return True
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """Ends every request with an error (used when a step raised)."""
+        outputs = []
+        for request_id, seqs in list(self.requests.items()):
+            self.abort_request(request_id)
+            outputs.append(self._request_output(request_id, seqs, [], error=message))
+        return outputs
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        computed_before = {id(s.seq): s.seq.num_computed_tokens for s in batch}
+        result = self.runner.execute(batch)
+        for item in batch:
+            seq = item.seq
+            before = computed_before[id(seq)]
+            seq.num_computed_tokens += item.num_new_tokens
+            self._prompt_tokens += max(0, min(seq.num_computed_tokens, seq.num_prompt_tokens) - before)
+            self.blocks.cache_full_blocks(seq, before)
+        outputs = self._process(result)
+        self._steps += 1
+        self._last_step = time.perf_counter() - t0
+        self._last_batch = (sum(s.num_new_tokens for s in batch), len(batch))
+        self._expert_tokens += result.expert_counts
+        return outputs
+
+    def _process(self, result: StepOutput) -> list[RequestOutput]:
+        deltas: dict[str, list[ChoiceDelta]] = {}
+        tok = result.tokens
+        for row, item in enumerate(result.sampled):
+            seq = item.seq
+            token = tok.token_ids[row]
+            seq.token_ids.append(token)
+            self._generation_tokens += 1
+            logprob = None
+            if tok.logprobs is not None and seq.params.logprobs is not None:
+                assert tok.top_logprobs is not None
+                logprob = TokenLogprob(token, tok.logprobs[row], tok.top_logprobs[row])
+                seq.logprobs.append(logprob)
+            self._check_stop(seq, token)
+            deltas.setdefault(seq.request_id, []).append(self._choice_delta(seq, token, logprob))
+        outputs: list[RequestOutput] = []
+        for request_id, choice_deltas in deltas.items():
+            seqs = self.requests[request_id]
+            for seq in seqs:
+                if seq.is_finished and seq.block_table:
+                    self.scheduler.remove(seq)
+            outputs.append(self._request_output(request_id, seqs, choice_deltas))
+            if all(s.is_finished for s in seqs):
+                del self.requests[request_id]
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        n_out = seq.num_output_tokens
+        can_stop = n_out >= params.min_tokens
+        text_before = len(seq.text)
+        if can_stop and token == self.tokenizer.eos_id and not params.ignore_eos:
+            self._finish(seq, "stop", None)
+        elif can_stop and token in params.stop_token_ids:
+            self._finish(seq, "stop", token)
+        else:
+            seq.text += seq.detokenizer.step([token])
+            if can_stop and params.stop:
+                # Only the new text (plus a stop string's length of overlap) can hold a new match.
+                window_start = max(0, text_before - max(len(s) for s in params.stop) + 1)
+                hits = [(seq.text.find(s, window_start), s) for s in params.stop]
+                hits = [(i, s) for i, s in hits if i >= 0]
+                if hits:
+                    idx, stop = min(hits)
+                    seq.text = seq.text[:idx]
+                    self._finish(seq, "stop", stop)
+        if not seq.is_finished:
+            if params.max_tokens is not None and n_out >= params.max_tokens:
+                self._finish(seq, "length", None)
+            elif seq.num_tokens >= self.max_model_len:
+                self._finish(seq, "length", None)
+
+    @staticmethod
+    def _finish(seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+
+    @staticmethod
+    def _choice_delta(seq: Sequence, token: int, logprob: TokenLogprob | None) -> ChoiceDelta:
+        # NOTE: while a stop string could still be forming, hold back that many characters so
+        # a client never sees text that is later cut.
+        hold = 0 if seq.is_finished or not seq.params.stop else max(len(s) for s in seq.params.stop) - 1
+        end = max(seq.num_text_emitted, len(seq.text) - hold)
+        text = seq.text[seq.num_text_emitted : end]
+        seq.num_text_emitted = end
+        return ChoiceDelta(
+            index=seq.index,
+            token_ids=[token],
+            text=text,
+            logprobs=[logprob] if logprob else [],
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+        )
+
+    def _request_output(
+        self, request_id: str, seqs: list[Sequence], choices: list[ChoiceDelta], error: str | None = None
+    ) -> RequestOutput:
+        first = seqs[0]
+        queue = None if first.first_scheduled_time is None else first.first_scheduled_time - first.arrival_time
+        return RequestOutput(
+            request_id=request_id,
+            choices=choices,
+            finished=all(s.is_finished for s in seqs),
+            num_prompt_tokens=first.num_prompt_tokens,
+            num_cached_tokens=first.num_cached_prompt_tokens,
+            num_output_tokens=sum(s.num_output_tokens for s in seqs),
+            queue_time=queue,
+            error=error,
+        )
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            kv_blocks_used=self.blocks.num_used_blocks,
+            kv_blocks_total=self.blocks.num_blocks,
+            kv_capacity_tokens=self.kv_capacity_tokens,
+            prefix_cache_queries=self.blocks.prefix_queries,
+            prefix_cache_hits=self.blocks.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self._prompt_tokens,
+            generation_tokens_total=self._generation_tokens,
+            steps_total=self._steps,
+            last_step_seconds=self._last_step,
+            last_batch_tokens=self._last_batch[0],
+            last_batch_seqs=self._last_batch[1],
+            expert_tokens=self._expert_tokens.tolist(),
+        )
+
+
+def _checkpoint_dtype(model_dir: Path) -> str | None:
+    cfg = model_dir / "config.json"
+    if cfg.is_file():
+        return json.loads(cfg.read_text()).get("torch_dtype")
+    return None

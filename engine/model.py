@@ -1,0 +1,170 @@
+"""Mixtral in PyTorch over a flat batch of tokens and a paged KV cache.
+
+Weights use the engine's fused layout: `qkv [(H + 2 KVH) hd, D]`, `w13 [E, 2I, D]` (w1 rows,
+then w3 rows) and `w2 [E, D, I]`, reduction dimension contiguous. The loader fills them
+tensor by tensor (`weight_slot`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionMetadata, paged_attention
+from engine.model_config import ModelConfig
+from engine.moe import fused_moe, select_experts
+
+
+def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    # Uninitialised: every parameter is overwritten by the loader, which checks none is missed.
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _param(dim, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # [T, D]
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # [T, D]
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Half-split rotary embeddings (Hugging Face order) with cos/sin precomputed per position."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [P, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [P, hd]
+        self.register_buffer("cos", emb.cos().to(dtype), persistent=False)  # [P, hd]
+        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)  # [P, hd]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, hd]
+        sin = self.sin[positions].unsqueeze(1)  # [T, 1, hd]
+        x1, x2 = x.chunk(2, dim=-1)  # [T, h, hd/2] each
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # [T, h, hd]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.qkv = _param(cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size, dtype=dtype)
+        self.o = _param(cfg.hidden_size, cfg.q_size, dtype=dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, D]
+        positions: torch.Tensor,  # [T]
+        rotary: Rotary,
+        kv_cache: torch.Tensor,  # [2, S, KVH, hd]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = x @ self.qkv.t()  # [T, (H + 2 KVH) hd]
+        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = rotary(q.view(t, self.n_heads, self.hd), positions)  # [T, H, hd]
+        k = rotary(k.view(t, self.n_kv, self.hd), positions)  # [T, KVH, hd]
+        v = v.view(t, self.n_kv, self.hd)  # [T, KVH, hd]
+        attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta)  # [T, H hd]
+        return attn @ self.o.t()  # [T, D]
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        e, d, i = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        self.gate = _param(e, d, dtype=dtype)
+        self.w13 = _param(e, 2 * i, d, dtype=dtype)
+        self.w2 = _param(e, d, i, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the block output [T, D] and each token's chosen experts [T, k]."""
+        router_logits = x @ self.gate.t()  # [T, E]
+        weights, ids = select_experts(router_logits, self.top_k)  # [T, k], [T, k]
+        return fused_moe(x, self.w13, self.w2, weights, ids), ids
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn = Attention(cfg, dtype)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.moe = MoE(cfg, dtype)
+
+
+class Mixtral(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: torch.Tensor,  # [L, 2, S, KVH, hd]
+        meta: AttentionMetadata,
+        expert_counts: torch.Tensor | None = None,  # [L, E] accumulated when given
+    ) -> torch.Tensor:
+        """Final hidden states [T, D] (normalised); `logits` projects the rows that sample."""
+        h = F.embedding(input_ids, self.embed)  # [T, D]
+        for i, layer in enumerate(self.layers):
+            h = h + layer.attn(layer.attn_norm(h), positions, self.rotary, kv_caches[i], meta)  # [T, D]
+            moe_out, ids = layer.moe(layer.ffn_norm(h))  # [T, D], [T, k]
+            h = h + moe_out  # [T, D]
+            if expert_counts is not None:
+                expert_counts[i] += torch.bincount(ids.flatten(), minlength=expert_counts.shape[1])
+        return self.norm(h)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (hidden @ self.lm_head.t()).float()  # [N, V]
+
+    def weight_slot(self, hf_name: str) -> torch.Tensor:
+        """The view of an engine parameter that holds the Hugging Face tensor `hf_name`."""
+        if hf_name == "model.embed_tokens.weight":
+            return self.embed
+        if hf_name == "model.norm.weight":
+            return self.norm.weight
+        if hf_name == "lm_head.weight":
+            return self.lm_head
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf_name)
+        if not m or int(m.group(1)) >= len(self.layers):
+            raise KeyError(hf_name)
+        layer, rest = self.layers[int(m.group(1))], m.group(2)
+        q, kv = self.cfg.q_size, self.cfg.kv_size
+        inter = self.cfg.intermediate_size
+        fixed = {
+            "input_layernorm": layer.attn_norm.weight,
+            "post_attention_layernorm": layer.ffn_norm.weight,
+            "self_attn.q_proj": layer.attn.qkv[:q],
+            "self_attn.k_proj": layer.attn.qkv[q : q + kv],
+            "self_attn.v_proj": layer.attn.qkv[q + kv :],
+            "self_attn.o_proj": layer.attn.o,
+            "block_sparse_moe.gate": layer.moe.gate,
+        }
+        if rest in fixed:
+            return fixed[rest]
+        e = re.fullmatch(r"block_sparse_moe\.experts\.(\d+)\.(w[123])", rest)
+        if not e or int(e.group(1)) >= self.cfg.num_local_experts:
+            raise KeyError(hf_name)
+        expert, which = int(e.group(1)), e.group(2)
+        if which == "w2":
+            return layer.moe.w2[expert]
+        return layer.moe.w13[expert, :inter] if which == "w1" else layer.moe.w13[expert, inter:]

@@ -1,0 +1,54 @@
+"""Mixture-of-experts routing and expert dispatch.
+
+`fused_moe` is the one seam where expert computation happens: the PyTorch path below serves
+CPUs, and a GPU kernel plugs in here with the same signature.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral routing: softmax in fp32 over all experts, keep top-k, renormalise."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # [T, E]
+    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, k], [T, k]
+    weights = weights / weights.sum(dim=-1, keepdim=True)  # [T, k]
+    return weights, ids
+
+
+def fused_moe(
+    x: torch.Tensor,  # [T, D]
+    w13: torch.Tensor,  # [E, 2I, D]  gate (w1) rows, then up (w3) rows
+    w2: torch.Tensor,  # [E, D, I]
+    topk_weights: torch.Tensor,  # [T, k] fp32
+    topk_ids: torch.Tensor,  # [T, k]
+) -> torch.Tensor:
+    """sum_k weight_k * w2_e(silu(w1_e x) * w3_e x) for each token's k chosen experts.
+
+    NOTE: tokens are grouped by expert (one stable sort) so each active expert runs one
+    matmul over all of its tokens: efficient from batch 1 (two small matmuls) to thousands
+    of tokens, with no per-token weight gathers and no loop over tokens.
+    """
+    num_tokens, top_k = topk_ids.shape
+    inter = w2.shape[2]
+    flat_ids = topk_ids.reshape(-1)  # [T*k]
+    order = torch.argsort(flat_ids, stable=True)  # [T*k]
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    token_of = order // top_k  # [T*k] source token of each sorted slot
+    xs = x.index_select(0, token_of)  # [T*k, D]
+    out = torch.empty_like(xs)  # [T*k, D]
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        end = start + count
+        h = xs[start:end] @ w13[expert].t()  # [n, 2I]
+        act = F.silu(h[:, :inter]) * h[:, inter:]  # [n, I]
+        out[start:end] = act @ w2[expert].t()  # [n, D]
+        start = end
+    scale = topk_weights.reshape(-1).index_select(0, order).to(x.dtype)  # [T*k]
+    out.mul_(scale[:, None])
+    y = torch.zeros(num_tokens, x.shape[1], dtype=x.dtype, device=x.device)  # [T, D]
+    return y.index_add_(0, token_of, out)

@@ -1,0 +1,72 @@
+"""What the engine hands back each step: per-request deltas and engine statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.sequence import FinishReason, TokenLogprob
+
+
+class RequestError(ValueError):
+    """A request the engine refuses up front (too long, bad parameters); `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop has stopped; no request can make progress."""
+
+
+@dataclass
+class ChoiceDelta:
+    """New output of one of a request's `n` choices since the previous delta."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    choices: list[ChoiceDelta]
+    finished: bool
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens served by the prefix cache
+    num_output_tokens: int  # all choices, so far
+    queue_time: float | None = None  # seconds from arrival to first schedule
+    error: str | None = None  # set when the engine failed this request
+
+
+@dataclass
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_capacity_tokens: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    steps_total: int
+    last_step_seconds: float
+    last_batch_tokens: int
+    last_batch_seqs: int
+    expert_tokens: list[list[int]]  # [layer][expert] tokens routed since start
+    healthy: bool = True
+    error: str | None = None
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0

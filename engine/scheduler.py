@@ -1,0 +1,112 @@
+"""Which tokens of which sequences run in the next step.
+
+Running sequences are served first (decodes and unfinished prompt chunks), waiting ones fill
+the rest of the token budget. Long prompts are chunked so decodes keep flowing while a big
+prompt is prefilled. When KV blocks run out, the least important running sequence is
+preempted: its blocks are freed and it is recomputed later (its prefix may still be cached).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from engine.config import SchedulerConfig
+from engine.kv_cache import BlockManager
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens to compute this step, starting at seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the sequence, so a token is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def reconfigure(self, config: SchedulerConfig) -> None:
+        """Live tuning: new caps apply from the next step; running work is left alone."""
+        self.config = config
+
+    def _sort_key(self, seq: Sequence) -> tuple[int, float]:
+        priority = seq.priority if self.config.policy == "priority" else 0
+        return (priority, seq.arrival_time)
+
+    def add(self, seq: Sequence) -> None:
+        if self.config.policy == "priority":
+            items = sorted([*self.waiting, seq], key=self._sort_key)
+            self.waiting = deque(items)
+        else:
+            self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a sequence (finished or aborted) and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_seq(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.config.max_num_batched_tokens
+        out: list[ScheduledSeq] = []
+        preempted = False
+        # 1. Running sequences, most important first; the least important give way.
+        self.running.sort(key=self._sort_key)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.blocks.can_append(seq, num_new):
+                victim = self.running[-1]  # never one already scheduled: those sit before `seq`
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status == SequenceStatus.WAITING:
+                break  # `seq` and everything after it were preempted
+            self.blocks.append_slots(seq, num_new)
+            out.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+            i += 1
+        # 2. Waiting sequences, in order, while budget, sequence cap and blocks allow.
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.parent is not None and seq.parent.in_prefill and not seq.parent.is_finished:
+                break
+            hits = len(self.blocks.match_prefix(seq)) * self.blocks.block_size
+            num_new = min(seq.num_tokens - hits, budget)
+            if not self.blocks.admit(seq, num_new):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+            self.running.append(seq)
+            out.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        return out

@@ -1,0 +1,251 @@
+"""SentencePiece tokenizer with Mistral chat templates and streaming detokenization.
+
+Two chat formats are supported:
+
+* ``"mistral"`` reproduces, token for token, what ``mistral_common`` emits for a chat
+  request with a SentencePiece tokenizer. Which variant applies is read from the
+  tokenizer file itself: when ``[INST]`` is a single control piece (v2/v3 files, e.g.
+  Mixtral-8x22B) the markers are control tokens, the system prompt is folded into the
+  *last* user turn and assistant replies lose trailing spaces; otherwise (v1 files,
+  e.g. Mixtral-8x7B) the markers are plain text and the system prompt is folded into
+  the *first* user turn.
+* ``"llama2-sys"`` wraps the system prompt Llama-2 style inside the first user turn.
+"""
+
+import codecs
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ValidationError
+from sentencepiece import SentencePieceProcessor
+
+ChatTemplate = Literal["mistral", "llama2-sys"]
+
+# Prompt tokens kept as decoding context in continuation mode; a handful is enough
+# for SentencePiece, whose only context effect is dropping the first piece's space.
+_CONTEXT_TOKENS = 4
+_VERSIONED_NAME = re.compile(r"tokenizer\.model\.v(\d+)(m\d+)?")
+
+
+class ChatTemplateError(ValueError):
+    """The conversation cannot be rendered with the chat template."""
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of output ids into text deltas at O(window) cost per step.
+
+    Decodes only a small window of ids: the ids emitted by the previous step (the
+    context, vLLM's ``prefix_offset``..``read_offset``) plus the ids not yet emitted,
+    and returns what the new ids add to the context's text. Control ids are dropped
+    because they decode to nothing and would otherwise become a context that
+    SentencePiece treats as the start of text.
+    """
+
+    def __init__(self, sp: SentencePieceProcessor, context_ids: Sequence[int]) -> None:
+        self._sp = sp
+        self._ids = [i for i in context_ids if not sp.IsControl(i)][-_CONTEXT_TOKENS:]
+        self._read_offset = len(self._ids)  # ids before this are context, already emitted
+        self._chunks: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+        return "".join(self._chunks)
+
+    def step(self, new_ids: Sequence[int]) -> str:
+        """Returns the text added by ``new_ids``; "" while a character is incomplete."""
+        self._ids.extend(i for i in new_ids if not self._sp.IsControl(i))
+        if self._read_offset == len(self._ids) or self._ends_mid_character():
+            return ""
+        context_text = self._sp.Decode(self._ids[: self._read_offset])
+        delta = self._sp.Decode(self._ids)[len(context_text) :]
+        # The ids just read become the only context for the next step.
+        del self._ids[: self._read_offset]
+        self._read_offset = len(self._ids)
+        self._chunks.append(delta)
+        return delta
+
+    def _ends_mid_character(self) -> bool:
+        # Byte-fallback pieces (<0xF0>...) split a character across ids; hold back
+        # only a genuinely incomplete UTF-8 tail so invalid bytes still get emitted.
+        tail = bytearray()
+        for i in reversed(self._ids):
+            if not self._sp.IsByte(i):
+                break
+            tail.insert(0, int(self._sp.IdToPiece(i)[1:-1], 16))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        decoder.decode(bytes(tail), final=False)
+        return bool(decoder.getstate()[0])
+
+
+class Tokenizer:
+    """A SentencePiece model plus a chat template."""
+
+    def __init__(self, model_file: str | Path, chat_template: ChatTemplate = "mistral") -> None:
+        if chat_template not in ("mistral", "llama2-sys"):
+            raise ValueError(f"unknown chat template {chat_template!r}; expected 'mistral' or 'llama2-sys'")
+        self._sp = SentencePieceProcessor(model_file=str(model_file))
+        self.chat_template: ChatTemplate = chat_template
+        begin, end = self._sp.PieceToId("[INST]"), self._sp.PieceToId("[/INST]")
+        # v2+ files carry [INST]/[/INST] as control pieces; in v1 they are plain text.
+        self._inst_ids: tuple[int, int] | None = (
+            (begin, end) if self._sp.IsControl(begin) and self._sp.IsControl(end) else None
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, chat_template: ChatTemplate = "mistral") -> "Tokenizer":
+        """Loads ``tokenizer.model``, else the newest Mistral-style ``tokenizer.model.v*``."""
+        folder = Path(model_dir)
+        if (folder / "tokenizer.model").is_file():
+            return cls(folder / "tokenizer.model", chat_template)
+        versioned = [
+            (int(match.group(1)), path)
+            for path in folder.glob("tokenizer.model.v*")
+            if (match := _VERSIONED_NAME.fullmatch(path.name)) and path.is_file()
+        ]
+        if not versioned:
+            raise FileNotFoundError(
+                f"no tokenizer file in {folder}: looked for tokenizer.model, tokenizer.model.v1, "
+                "tokenizer.model.v3 and other tokenizer.model.v*"
+            )
+        return cls(max(versioned)[1], chat_template)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.GetPieceSize()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids: list[int] = self._sp.Encode(text)
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Decodes to text; bos, eos and other control tokens produce nothing."""
+        return self._sp.Decode(list(ids))
+
+    def detokenizer(self, prompt_ids: Sequence[int], continuation: bool) -> IncrementalDetokenizer:
+        """Streams output text for a request.
+
+        ``continuation=True`` yields how the output continues the prompt (a first token
+        "▁Paris" gives " Paris"); ``continuation=False`` yields ``decode(output_ids)``,
+        whose first leading space is dropped like SentencePiece does.
+        """
+        return IncrementalDetokenizer(self._sp, prompt_ids if continuation else ())
+
+    def apply_chat_template(
+        self, messages: Sequence[ChatMessage | dict], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Renders a conversation as prompt ids.
+
+        Each quoted segment below is SentencePiece-encoded on its own (so it gets the
+        dummy-prefix "▁"); ``<s>``, ``</s>`` and, for v2/v3 files, ``[INST]``/``[/INST]``
+        are single control ids. For system S, users U1, U2 and reply A1:
+
+        "mistral", v1 file (S joins the first user turn)::
+
+            <s> "[INST] S\n\nU1 [/INST]" "A1" </s> "[INST] U2 [/INST]"
+
+        "mistral", v2/v3 file (S joins the last user turn; A1 loses trailing spaces)::
+
+            <s> [INST] "U1" [/INST] "A1" </s> [INST] "S\n\nU2" [/INST]
+
+        "llama2-sys", v1 file, which decodes to
+        ``"[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1 [INST] U2 [/INST]"``
+        (v2/v3 files use the control ids as above)::
+
+            <s> "[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST]" "A1" </s> "[INST] U2 [/INST]"
+
+        With ``add_generation_prompt=False`` the conversation may end with an assistant
+        reply, which is then closed with eos (training-style full encoding).
+        """
+        system, turns = _validate(messages, add_generation_prompt)
+        user_turns = [i for i, m in enumerate(turns) if m.role == "user"]
+        # mistral_common folds the system prompt into the first user turn for v1 files
+        # and into the last one from v2 on; Llama-2 always uses the first turn.
+        system_turn = user_turns[-1] if self.chat_template == "mistral" and self._inst_ids else user_turns[0]
+        ids = [self.bos_id]
+        for i, message in enumerate(turns):
+            if message.role == "assistant":
+                ids += self._encode_assistant(message.content)
+                continue
+            content = message.content
+            if system and i == system_turn:
+                if self.chat_template == "mistral":
+                    content = f"{system}\n\n{content}"
+                else:
+                    content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+            ids += self._encode_user(content)
+        return ids
+
+    def _encode_user(self, content: str) -> list[int]:
+        if self._inst_ids is None:
+            return self.encode(f"[INST] {content} [/INST]")
+        begin, end = self._inst_ids
+        return [begin, *self.encode(content), end]
+
+    def _encode_assistant(self, content: str) -> list[int]:
+        # mistral_common strips trailing spaces from replies from v2 on, not in v1.
+        text = content.rstrip(" ") if self._inst_ids else content
+        return [*self.encode(text), self.eos_id]
+
+
+def _validate(
+    messages: Sequence[ChatMessage | dict], add_generation_prompt: bool
+) -> tuple[str, list[ChatMessage]]:
+    """Returns the system prompt ("" if none) and the user/assistant turns."""
+    if not messages:
+        raise ChatTemplateError("conversation is empty: at least one user message is required")
+    parsed: list[ChatMessage] = []
+    for index, message in enumerate(messages):
+        if isinstance(message, ChatMessage):
+            parsed.append(message)
+            continue
+        try:
+            parsed.append(ChatMessage.model_validate(message))
+        except ValidationError as error:
+            role = message.get("role") if isinstance(message, dict) else None
+            if role not in ("system", "user", "assistant"):
+                raise ChatTemplateError(
+                    f"message {index} has unknown role {role!r}; expected 'system', 'user' or 'assistant'"
+                ) from error
+            raise ChatTemplateError(f"message {index} is invalid: {error}") from error
+    # Like mistral_common, an empty system prompt means no system prompt.
+    system = parsed[0].content if parsed[0].role == "system" else ""
+    offset = 1 if parsed[0].role == "system" else 0
+    turns = parsed[offset:]
+    for position, message in enumerate(turns):
+        index = position + offset
+        if message.role == "system":
+            raise ChatTemplateError(
+                f"system message at index {index}: only the first message may be a system message"
+            )
+        expected = "user" if position % 2 == 0 else "assistant"
+        if message.role != expected:
+            raise ChatTemplateError(
+                f"roles must alternate user/assistant after an optional system message: "
+                f"message {index} is {message.role!r}, expected {expected!r}"
+            )
+        if message.role == "assistant" and not message.content:
+            raise ChatTemplateError(f"assistant message {index} has empty content")
+    if not turns:
+        raise ChatTemplateError("conversation has no user message")
+    if add_generation_prompt and turns[-1].role == "assistant":
+        raise ChatTemplateError(
+            "last message is from the assistant; a generation prompt needs a final user message "
+            "(pass add_generation_prompt=False to encode a finished conversation)"
+        )
+    return system, turns
