@@ -15,6 +15,10 @@ class RequestError(ValueError):
         self.param = param
 
 
+class RequestFailedError(RuntimeError):
+    """The engine failed while serving this request (the engine itself goes on)."""
+
+
 class EngineDeadError(RuntimeError):
     """The step loop has stopped; no request can make progress."""
 

@@ -49,7 +49,8 @@ class SamplingParams(BaseModel):
     max_tokens: int | None = Field(default=16, ge=1)  # None = up to the context limit
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # top logprobs besides the sampled one
+    # How many top logprobs to report besides the sampled token's own; None = off.
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     skip_special_tokens: bool = True
 
     @field_validator("stop", mode="before")
@@ -88,14 +89,16 @@ class SamplingRow:
     params: SamplingParams
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]
-    generator: torch.Generator | None  # from `make_generator(params.seed)`; the engine keeps it across steps
+    # From `make_generator(params.seed)`; the engine keeps it across steps.
+    generator: torch.Generator | None
     eos_id: int
 
 
 @dataclass
 class SamplerOutput:
     token_ids: list[int]  # [B]
-    # [B] logprob of each sampled token (see `Sampler` for the distribution); None when no row asked.
+    # [B] logprob of each sampled token (see `Sampler` for the distribution);
+    # None when no row asked.
     logprobs: list[float] | None
     # [B] per row up to `params.logprobs` (token_id, logprob) pairs, sorted descending; [] for
     # rows that did not ask. None when no row asked.
@@ -124,8 +127,9 @@ class Sampler:
     describe the model's (penalised) belief, independent of how adventurously the request
     samples: greedy rows get real values rather than 0 / -inf, and `top_logprobs` may list
     tokens that truncation would never let the row sample. The sampled token always has a
-    finite logprob, since truncation only removes tokens. vLLM V1 reports raw logits by
-    default; we include the penalties because they are part of the request's model of the text.
+    finite logprob, since truncation only removes tokens. vLLM V1 reports logprobs of the raw
+    logits by default; we include the penalties because the request asked for them as part of
+    its model of the text.
     """
 
     @torch.inference_mode()
@@ -167,7 +171,9 @@ def _plain_greedy(row: SamplingRow) -> bool:
     )
 
 
-def _token_counts(id_lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+def _token_counts(
+    id_lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device
+) -> torch.Tensor:
     """[P, V] float32: how often each token occurs in each of the P id lists.
 
     NOTE: ids are concatenated into one flat tensor with row offsets rather than padded to
@@ -201,16 +207,20 @@ def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     repetition = [row.params.repetition_penalty for row in sub_rows]
     if any(r != 1.0 for r in repetition):
         # Prompts are only turned into tensors for rows that use them: they can be long.
-        prompt_ids = [row.prompt_ids if row.params.repetition_penalty != 1.0 else () for row in sub_rows]
+        prompt_ids = [
+            row.prompt_ids if row.params.repetition_penalty != 1.0 else () for row in sub_rows
+        ]
         seen = out_seen | (_token_counts(prompt_ids, vocab_size, device) > 0)  # [P, V]
         rep = torch.tensor(repetition, dtype=torch.float32, device=device)[:, None]  # [P, 1]
         # Positive logits shrink by division, negative ones grow more negative by multiplication.
         scaled = torch.where(sub > 0, sub / rep, sub * rep)  # [P, V]
         sub = torch.where(seen, scaled, sub)  # [P, V]
 
-    freq = torch.tensor([row.params.frequency_penalty for row in sub_rows], device=device)[:, None]  # [P, 1]
-    pres = torch.tensor([row.params.presence_penalty for row in sub_rows], device=device)[:, None]  # [P, 1]
-    sub = sub - freq * out_counts - pres * out_seen  # [P, V]
+    freq = [row.params.frequency_penalty for row in sub_rows]
+    pres = [row.params.presence_penalty for row in sub_rows]
+    freq_t = torch.tensor(freq, dtype=torch.float32, device=device)[:, None]  # [P, 1]
+    pres_t = torch.tensor(pres, dtype=torch.float32, device=device)[:, None]  # [P, 1]
+    sub = sub - freq_t * out_counts - pres_t * out_seen  # [P, V]
     logits[index] = sub
 
 
@@ -240,12 +250,12 @@ def _mask_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
 
 def _sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """[R] tokens drawn from [R, V] penalised logits (modified in place) of non-greedy rows."""
-    num_rows, vocab_size = logits.shape
+    vocab_size = logits.shape[1]
     device = logits.device
     params = [row.params for row in rows]
 
-    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)  # [R]
-    logits.div_(temperature[:, None])
+    temperature = [p.temperature for p in params]
+    logits.div_(torch.tensor(temperature, dtype=torch.float32, device=device)[:, None])  # [R, V]
 
     top_k = [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params]
     top_p = [p.top_p for p in params]
@@ -285,7 +295,8 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
 
     if bool((top_p < 1.0).any()):
         sorted_probs = sorted_logits.softmax(dim=-1)  # [R, V] renormalised over the top-k
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [R, V] mass of strictly likelier tokens
+        # Mass of the strictly likelier tokens.
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [R, V]
         # Keep the smallest prefix reaching top_p: drop a token once the likelier ones reach it.
         # The most likely token has mass_before 0 < top_p, so it always survives. Rows with
         # top_p == 1 are left alone: float rounding could otherwise clip their tail.
@@ -314,7 +325,8 @@ def _exponential_noise(
         noise[torch.tensor(unseeded, device=device)] = shared
     for i, generator in enumerate(generators):
         if generator is not None:
-            noise[i] = torch.empty(vocab_size, device=generator.device).exponential_(generator=generator)  # [V]
+            own = torch.empty(vocab_size, device=generator.device)  # [V]
+            noise[i] = own.exponential_(generator=generator)
     return noise.clamp_min_(_TINY)
 
 

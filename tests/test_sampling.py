@@ -20,8 +20,14 @@ from engine.sampling import (
 sampler = Sampler()
 
 
-def _row(params: SamplingParams, *, output_ids: list[int] | None = None, prompt_ids: list[int] | None = None,
-         generator: torch.Generator | None = None, eos_id: int = 0) -> SamplingRow:
+def _row(
+    params: SamplingParams,
+    *,
+    output_ids: list[int] | None = None,
+    prompt_ids: list[int] | None = None,
+    generator: torch.Generator | None = None,
+    eos_id: int = 0,
+) -> SamplingRow:
     return SamplingRow(params, prompt_ids or [], output_ids or [], generator, eos_id)
 
 
@@ -93,7 +99,8 @@ def test_greedy_is_argmax_on_fast_and_slow_paths() -> None:
     assert out.logprobs is None and out.top_logprobs is None
 
     # top_k == 1 is greedy too; one row asking for logprobs and sampled rows force the slow path.
-    mixed = [_row(SamplingParams(top_k=1, temperature=0.7)), _row(SamplingParams(temperature=0, logprobs=2))]
+    mixed = [_row(SamplingParams(top_k=1, temperature=0.7))]
+    mixed += [_row(SamplingParams(temperature=0, logprobs=2))]
     mixed += [_row(SamplingParams(temperature=1.0)) for _ in range(6)]
     out = sampler(logits, mixed)
     assert out.token_ids[:2] == logits[:2].argmax(-1).tolist()
@@ -138,7 +145,8 @@ def _kept(*values: float) -> list[int]:
 def test_truncated_distribution(params: SamplingParams, kept: list[int], seeded: bool) -> None:
     torch.manual_seed(1)
     logits = PROBS.log().expand(NUM_DRAWS, -1).contiguous()  # [N, V]
-    rows = [_row(params, generator=make_generator(1000 + i) if seeded else None) for i in range(NUM_DRAWS)]
+    generators = [make_generator(1000 + i) if seeded else None for i in range(NUM_DRAWS)]
+    rows = [_row(params, generator=g) for g in generators]
     tokens = torch.tensor(sampler(logits, rows).token_ids)
     counts = torch.bincount(tokens, minlength=len(PROBS)).double()
 
@@ -159,7 +167,11 @@ def test_truncated_distribution(params: SamplingParams, kept: list[int], seeded:
 def test_penalties_match_formula() -> None:
     base = torch.tensor([2.0, -1.0, 0.5, -0.5, 3.0, 0.0])
     params = SamplingParams(
-        temperature=0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25, logprobs=6
+        temperature=0,
+        repetition_penalty=2.0,
+        presence_penalty=0.5,
+        frequency_penalty=0.25,
+        logprobs=6,
     )
     prompt, output = [0, 1], [1, 2, 2, 3]
     # repetition over prompt+output {0,1,2,3}: positive / 2, negative * 2;
@@ -194,13 +206,17 @@ def test_penalties_match_formula() -> None:
 def test_penalties_change_greedy_choice() -> None:
     logits = torch.tensor([[1.0, 0.9, 0.0]])
     # Token 0 only in the prompt: repetition applies, presence/frequency do not.
-    rep = sampler(logits, [_row(SamplingParams(temperature=0, repetition_penalty=1.5), prompt_ids=[0])])
-    pres = sampler(logits, [_row(SamplingParams(temperature=0, presence_penalty=2.0), prompt_ids=[0])])
-    assert rep.token_ids == [1]
-    assert pres.token_ids == [0]
-    # Negative presence penalty rewards a used token.
-    boost = sampler(logits, [_row(SamplingParams(temperature=0, presence_penalty=-0.5), output_ids=[1])])
-    assert boost.token_ids == [1]
+    def pick(prompt_ids: list[int], output_ids: list[int], **penalty: float) -> int:
+        params = SamplingParams(temperature=0, **penalty)
+        row = _row(params, prompt_ids=prompt_ids, output_ids=output_ids)
+        return sampler(logits, [row]).token_ids[0]
+
+    assert pick([0], [], repetition_penalty=1.5) == 1
+    assert pick([0], [], presence_penalty=2.0) == 0
+    assert pick([0], [], frequency_penalty=2.0) == 0
+    assert pick([], [0], frequency_penalty=0.2) == 1
+    # A negative presence penalty rewards a used token.
+    assert pick([], [1], presence_penalty=-0.5) == 1
 
 
 def test_penalty_rejects_out_of_range_ids() -> None:
@@ -217,8 +233,11 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached() -> None:
     logits = torch.zeros(1, 8)
     logits[0, eos], logits[0, stop], logits[0, 7] = 10.0, 9.0, 8.0
     params = SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[stop, 99])  # 99: outside V
-    picks = [sampler(logits, [_row(params, output_ids=[1] * n, eos_id=eos)]).token_ids[0] for n in range(5)]
-    assert picks == [7, 7, 7, eos, eos]
+    def pick(num_outputs: int) -> int:
+        row = _row(params, output_ids=[1] * num_outputs, eos_id=eos)
+        return sampler(logits, [row]).token_ids[0]
+
+    assert [pick(n) for n in range(5)] == [7, 7, 7, eos, eos]
 
     # ignore_eos: eos never ends the sequence, so it is not masked; stop ids still are.
     ignore = SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[stop], ignore_eos=True)
@@ -234,8 +253,8 @@ def test_min_tokens_masks_sampled_rows() -> None:
     logits = torch.zeros(500, 8)
     logits[:, eos] = logits[:, stop] = 3.0
     params = SamplingParams(min_tokens=2, stop_token_ids=[stop])
-    early = sampler(logits, [_row(params, output_ids=[1], eos_id=eos) for _ in range(500)]).token_ids
-    late = sampler(logits, [_row(params, output_ids=[1, 1], eos_id=eos) for _ in range(500)]).token_ids
+    early = sampler(logits, [_row(params, output_ids=[1], eos_id=eos)] * 500).token_ids
+    late = sampler(logits, [_row(params, output_ids=[1, 1], eos_id=eos)] * 500).token_ids
     assert eos not in early and stop not in early
     assert eos in late and stop in late
 
@@ -261,8 +280,10 @@ def _generate(batch: dict[str, SamplingParams], steps: int = 20) -> dict[str, li
     outputs: dict[str, list[int]] = {name: [] for name in batch}
     for _ in range(steps):
         logits = torch.stack([_fake_model(outputs[name]) for name in batch])  # [B, V]
-        rows = [_row(p, prompt_ids=[3, 4], output_ids=outputs[name], generator=generators[name], eos_id=1)
-                for name, p in batch.items()]
+        rows = [
+            _row(p, prompt_ids=[3, 4], output_ids=outputs[name], generator=generators[name])
+            for name, p in batch.items()
+        ]
         result: SamplerOutput = sampler(logits, rows)
         for name, token in zip(batch, result.token_ids):
             outputs[name].append(token)
@@ -314,7 +335,8 @@ def test_logprobs_values_and_top_lists() -> None:
     logits = torch.randn(5, 100) * 3
     params = [
         SamplingParams(logprobs=0),
-        SamplingParams(logprobs=5, temperature=0.3, top_k=10),  # temperature/top-k do not touch logprobs
+        # Temperature and top-k do not touch the reported logprobs.
+        SamplingParams(logprobs=5, temperature=0.3, top_k=10),
         SamplingParams(logprobs=MAX_LOGPROBS, seed=4),
         SamplingParams(),  # did not ask
         SamplingParams(temperature=0, logprobs=1),

@@ -140,7 +140,7 @@ class Method:
 
 
 def _nb(*ts):
-    return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor) and not t.is_mkldnn)
+    return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
 
 
 def _lin(x, w):
@@ -179,10 +179,11 @@ def build_methods() -> list[Method]:
                          lambda st: _nb(*st), depends_on_m=True,
                          note="mkldnn._reorder_linear_weight(W, M) + mkldnn._linear_pointwise"))
     ms.append(Method("mkl_packed_fp32", "fp32", FP32,
-                     lambda w, M: (torch.ops.mkl._mkl_reorder_linear_weight(w.clone(), M), w[:1].clone()),
+                     lambda w, M: (torch.ops.mkl._mkl_reorder_linear_weight(w.clone(), M), w.clone()),
                      lambda x, wp, wo: torch.ops.mkl._mkl_linear(x, wp, wo, None, x.shape[0]),
-                     lambda st: _nb(st[0]), depends_on_m=True,
-                     note="mkl._mkl_reorder_linear_weight + mkl._mkl_linear (inductor fp32 freezing path)"))
+                     lambda st: _nb(st[1]), depends_on_m=True,
+                     note="mkl._mkl_reorder_linear_weight + mkl._mkl_linear (inductor fp32 freezing path); "
+                          "GB/s uses logical 4*N*K bytes, MKL's packed buffer is larger"))
     for lab, dt in (("fp32", FP32), ("bf16", BF16)):
         ms.append(Method(f"mkldnn_tensor_{lab}", lab, dt,
                          lambda w, M, dt=dt: (w.to(dt, copy=True).to_mkldnn(),),
@@ -287,7 +288,9 @@ def run_linear_group(args, methods: list[Method], out: list[Row]):
                         gc.collect()
                         st0 = meth.prepare(master, M)
                         nb = meth.nbytes(st0)
-                        ncopy = max(1, min(meth.max_copies, -(-args.pool_mb * 2**20 // max(nb, 1))))
+                        if nb <= 0:
+                            raise RuntimeError("could not size weight")
+                        ncopy = max(1, min(meth.max_copies, 4096, -(-args.pool_mb * 2**20 // nb)))
                         if meth.name.startswith("qdyn"):
                             ncopy = max(1, min(meth.max_copies, -(-args.pool_mb * 2**20 // (N * K))))
                             nb = N * K + 4 * N
@@ -378,8 +381,8 @@ def run_mlp_group(args, out: list[Row]):
                                                     torch.ops.mkldnn._reorder_linear_weight(w2.to(dt, copy=True), M)), mlp_packed),
             ]
             if dt == FP32:
-                variants.append(("mkl_packed_w13", None, lambda: (torch.ops.mkl._mkl_reorder_linear_weight(torch.cat([w1, w3]), M), w1[:1].clone(),
-                                                                 torch.ops.mkl._mkl_reorder_linear_weight(w2.clone(), M), w2[:1].clone()), mlp_mkl_packed))
+                variants.append(("mkl_packed_w13", None, lambda: (torch.ops.mkl._mkl_reorder_linear_weight(torch.cat([w1, w3]), M), torch.cat([w1, w3]),
+                                                                 torch.ops.mkl._mkl_reorder_linear_weight(w2.clone(), M), w2.clone()), mlp_mkl_packed))
             for mode in ("default", "freeze", "max-autotune", "freeze-max-autotune"):
                 variants.append((f"compile_{mode}_w1_w3_w2", mode,
                                  lambda: (w1.to(dt, copy=True), w3.to(dt, copy=True), w2.to(dt, copy=True)), mlp_eager))

@@ -1,0 +1,187 @@
+"""Async front of the engine: many concurrent generators share one background step loop.
+
+NOTE: model steps run on one dedicated worker thread, so the event loop (a Ray Serve replica's,
+or any asyncio server's) keeps answering while the model computes. Requests and aborts are
+handed to that thread through a queue and applied between steps, so the engine's state is
+only ever touched by one thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+from engine.config import EngineConfig, SchedulerConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import EngineDeadError, EngineStats, RequestFailedError, RequestOutput
+from engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    priority: int
+    continuation: bool
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        self._commands: queue.SimpleQueue[_Add | str | SchedulerConfig] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._dead: BaseException | None = None
+        self.last_step_end = time.monotonic()  # the health probe checks the loop keeps moving
+
+    # ---- public API ----------------------------------------------------------------------
+    @property
+    def is_running(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    def start(self) -> None:
+        """Starts the step loop on the running event loop (idempotent)."""
+        if self._dead is not None:
+            raise EngineDeadError(f"engine loop died: {self._dead!r}")
+        if self._loop_task is None:
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        continuation: bool = True,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields one `RequestOutput` per step that produced tokens, the last with `finished`.
+
+        Leaving the loop early (client gone, task cancelled) aborts the request.
+        Raises `RequestError` before any work when the request can never complete.
+        """
+        self.start()
+        prompt_ids = self.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
+        self.engine.validate(prompt_ids, params)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._send(_Add(request_id, prompt_ids, params, priority, continuation))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.error is not None:
+                    raise RequestFailedError(item.error)
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send(request_id)  # abort
+
+    async def abort(self, request_id: str) -> None:
+        self._send(request_id)
+
+    def reconfigure(self, scheduler: SchedulerConfig) -> None:
+        """New scheduler knobs, applied between steps."""
+        self._send(scheduler)
+
+    def stats(self) -> EngineStats:
+        stats = self.engine.stats()
+        if self._dead is not None:
+            return replace(stats, healthy=False, error=repr(self._dead))
+        return stats
+
+    def check_health(self, stall_seconds: float) -> None:
+        """Raises when the loop died or a step has been running for over `stall_seconds`."""
+        if self._dead is not None:
+            raise EngineDeadError(f"engine loop died: {self._dead!r}")
+        if self._loop_task is not None and self._loop_task.done():
+            raise EngineDeadError("engine loop is not running")
+        busy = self.engine.has_unfinished or not self._commands.empty()
+        if busy and time.monotonic() - self.last_step_end > stall_seconds:
+            raise EngineDeadError(f"engine step loop stalled for over {stall_seconds:.0f}s")
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    # ---- the loop ------------------------------------------------------------------------
+    def _send(self, command: _Add | str | SchedulerConfig) -> None:
+        self._commands.put(command)
+        if self._wake is not None:
+            self._wake.set()
+
+    def _apply_commands(self) -> list[tuple[str, BaseException]]:
+        """Runs on the step thread. Returns requests that failed to start."""
+        failed: list[tuple[str, BaseException]] = []
+        while not self._commands.empty():
+            cmd = self._commands.get()
+            if isinstance(cmd, SchedulerConfig):
+                self.engine.scheduler.reconfigure(cmd)
+            elif isinstance(cmd, str):
+                self.engine.abort_request(cmd)
+            else:
+                try:
+                    self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.priority, cmd.continuation)
+                except Exception as err:  # noqa: BLE001 - reported to that request's caller
+                    failed.append((cmd.request_id, err))
+        return failed
+
+    def _step(self) -> tuple[list[RequestOutput], list[tuple[str, BaseException]]]:
+        failed = self._apply_commands()
+        try:
+            outputs = self.engine.step() if self.engine.has_unfinished else []
+        except Exception as err:  # noqa: BLE001 - one bad step fails its requests, not the loop
+            log.exception("engine step failed; failing the requests in flight")
+            outputs = self.engine.fail_all(f"engine step failed: {type(err).__name__}: {err}")
+        self.last_step_end = time.monotonic()
+        return outputs, failed
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        try:
+            while True:
+                if not self.engine.has_unfinished and self._commands.empty():
+                    await self._wake.wait()
+                self._wake.clear()
+                outputs, failed = await loop.run_in_executor(self._executor, self._step)
+                for request_id, err in failed:
+                    self._deliver(request_id, err)
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:
+            log.exception("engine loop died")
+            self._dead = err
+            dead = EngineDeadError(f"engine loop died: {err!r}")
+            for stream in self._streams.values():
+                stream.put_nowait(dead)
+            raise
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(item)

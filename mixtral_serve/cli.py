@@ -1,0 +1,140 @@
+"""The `mixtral-serve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from engine.checkpoint import DTYPES, PRESETS, default_model_dir, write_checkpoint
+
+if TYPE_CHECKING:  # heavy imports stay out of `--help`
+    from engine.config import EngineConfig
+    from engine.sampling import SamplingParams
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint folder (default: the embedded tiny random-weight Mixtral)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache size in MiB")
+    p.add_argument("--chat-template", default="mistral", choices=["mistral", "llama2-sys"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    from engine.config import CacheConfig, EngineConfig
+
+    return EngineConfig(
+        model=str(args.model or default_model_dir()),
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        chat_template=args.chat_template,
+        cache=CacheConfig(kv_cache_bytes=args.kv_cache_mb * 2**20),
+    )
+
+
+def _sampling(args: argparse.Namespace, **extra: object) -> SamplingParams:
+    from engine.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        max_tokens=args.max_tokens, **extra,
+    )
+
+
+def cmd_make_checkpoint(args: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    out = write_checkpoint(
+        args.out, PRESETS[args.preset], layout=args.layout, seed=args.seed, dtype=args.dtype, shard_mb=args.shard_mb
+    )
+    print(f"wrote {args.preset} checkpoint ({args.layout} layout, {args.dtype}) to {out} "
+          f"in {time.perf_counter() - t0:.1f}s")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from engine.llm import LLM
+
+    cfg = _engine_config(args)
+    llm = LLM(**cfg.model_dump())
+    if args.prompt_token_ids:
+        prompt: str | list[int] = [int(t) for t in args.prompt_token_ids.split(",")]
+    elif args.prompt is not None:
+        prompt = args.prompt
+    else:
+        raise SystemExit("error: give --prompt or --prompt-token-ids")
+    t0 = time.perf_counter()
+    result = llm.generate(prompt, _sampling(args, ignore_eos=args.ignore_eos))[0]
+    seconds = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({
+            "prompt_token_ids": result.prompt_token_ids,
+            "token_ids": result.token_ids,
+            "text": result.text,
+            "finish_reason": result.finish_reason,
+            "seconds": round(seconds, 4),
+        }))
+    else:
+        print(result.text)
+        print(f"[{len(result.token_ids)} tokens in {seconds:.2f}s, finish reason: {result.finish_reason}]",
+              file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from engine.llm_engine import LLMEngine
+    from mixtral_serve.console_chat import run_chat
+
+    engine = LLMEngine(_engine_config(args))
+    run_chat(engine, _sampling(args), args.system)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixtral-serve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine start-up details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-checkpoint", help="write a random-weight Mixtral checkpoint in a real layout")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--layout", choices=["hf", "mistral"], default="hf")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--shard-mb", type=int, help="split Hugging Face weights into shards of this size")
+    p.set_defaults(func=cmd_make_checkpoint)
+
+    p = sub.add_parser("generate", help="complete one prompt")
+    _engine_args(p)
+    p.add_argument("--prompt")
+    p.add_argument("--prompt-token-ids", help="comma-separated token ids instead of --prompt")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive console chat")
+    _engine_args(p)
+    p.add_argument("--system", help="system prompt")
+    p.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as err:  # bad input: a message, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The `mixtral-serve` command line, run as a user runs it (the chat through a real terminal)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+
+from engine import LLM, SamplingParams
+
+CLI = [sys.executable, "-m", "mixtral_serve.cli"]
+
+
+def test_make_checkpoint_then_generate_json(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    done = subprocess.run([*CLI, "make-checkpoint", "--preset", "tiny", "--layout", "mistral", "--out", str(out),
+                           "--dtype", "float32"], capture_output=True, text=True, check=True)
+    assert "wrote tiny checkpoint" in done.stdout and (out / "params.json").is_file()
+    run = subprocess.run([*CLI, "generate", "--model", str(out), "--prompt", "The capital of France is",
+                          "--max-tokens", "12", "--ignore-eos", "--json", "--dtype", "float32"],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(run.stdout)
+    llm = LLM(out, dtype="float32", cache={"kv_cache_bytes": 16 * 2**20}, load_progress=False)
+    expected = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12,
+                                                                       ignore_eos=True))[0]
+    assert result["token_ids"] == expected.token_ids and result["text"] == expected.text
+    assert result["finish_reason"] == "length" and result["prompt_token_ids"][0] == 1
+    ids = subprocess.run([*CLI, "generate", "--model", str(out), "--prompt-token-ids", "1,415,5565",
+                          "--max-tokens", "3", "--ignore-eos", "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(ids.stdout)["prompt_token_ids"] == [1, 415, 5565]
+
+
+def test_generate_rejects_overlong_request(tiny_checkpoint: Path) -> None:
+    run = subprocess.run([*CLI, "generate", "--model", str(tiny_checkpoint), "--prompt", "hi",
+                          "--max-tokens", "5000"], capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "maximum context length is 4096 tokens" in run.stderr
+
+
+def test_console_chat_in_a_terminal(tiny_checkpoint: Path) -> None:
+    child = pexpect.spawn(CLI[0], [*CLI[1:], "chat", "--model", str(tiny_checkpoint), "--max-tokens", "8",
+                                   "--system", "Be brief."], encoding="utf-8", timeout=120)
+    status = re.compile(r"\[context (\d+) tokens \| (\d+) tokens, time to first token \d+ ms, [\d.]+ tokens/s\]")
+    child.expect("> ")
+    child.sendline("Hello there")
+    child.expect(status)
+    first_context = int(child.match.group(1))
+    assert int(child.match.group(2)) == 8
+    child.expect("> ")
+    child.sendline("And again")
+    child.expect(status)
+    second_context = int(child.match.group(1))
+    assert second_context > first_context + 8  # the first exchange is in the context
+    child.sendline("/reset")
+    child.expect("conversation cleared")
+    child.sendline("Hello there")
+    child.expect(status)
+    assert int(child.match.group(1)) == first_context
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
