@@ -43,6 +43,10 @@ class AsyncEngine:
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._dead: BaseException | None = None
+        # NOTE: stats() serves the snapshot the step thread takes after each step: reading the
+        # live engine from the event loop would race the step and could mix fields from before
+        # and after it (a sequence counted both waiting and running, say).
+        self._stats = self.engine.stats()
         self.last_step_end = time.monotonic()  # the health probe checks the loop keeps moving
 
     # ---- public API ----------------------------------------------------------------------
@@ -102,7 +106,7 @@ class AsyncEngine:
         self._send(scheduler)
 
     def stats(self) -> EngineStats:
-        stats = self.engine.stats()
+        stats = self._stats
         if self._dead is not None:
             return replace(stats, healthy=False, error=repr(self._dead))
         return stats
@@ -118,13 +122,18 @@ class AsyncEngine:
             raise EngineDeadError(f"engine step loop stalled for over {stall_seconds:.0f}s")
 
     async def shutdown(self) -> None:
+        """Stops the step loop; streams still open, and any later `generate`, get EngineDeadError."""
         if self._loop_task is not None:
             self._loop_task.cancel()
-            try:
-                await self._loop_task
-            except asyncio.CancelledError:
-                pass
+            # A loop that died has already reported why (stats, check_health, its streams):
+            # shutting down must not raise that again.
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self._dead is None:
+            self._dead = EngineDeadError("the engine was shut down")
+            for stream in self._streams.values():
+                stream.put_nowait(self._dead)
         self._executor.shutdown(wait=True)
+        self.engine.shutdown()
 
     # ---- the loop ------------------------------------------------------------------------
     def _send(self, command: _Add | str | SchedulerConfig) -> None:
@@ -132,31 +141,37 @@ class AsyncEngine:
         if self._wake is not None:
             self._wake.set()
 
-    def _apply_commands(self) -> list[tuple[str, BaseException]]:
-        """Runs on the step thread. Returns requests that failed to start."""
-        failed: list[tuple[str, BaseException]] = []
+    def _apply_commands(self) -> list[tuple[str, RequestOutput | BaseException]]:
+        """Runs on the step thread. Returns what callers learn at once: the final output of an
+        aborted request (so an `abort()` ends its stream), or why a request failed to start."""
+        early: list[tuple[str, RequestOutput | BaseException]] = []
         while not self._commands.empty():
             cmd = self._commands.get()
             if isinstance(cmd, SchedulerConfig):
                 self.engine.scheduler.reconfigure(cmd)
             elif isinstance(cmd, str):
-                self.engine.abort_request(cmd)
+                aborted = self.engine.abort_request(cmd)
+                if aborted is not None:
+                    early.append((cmd, aborted))
             else:
                 try:
                     self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.priority, cmd.continuation)
                 except Exception as err:  # noqa: BLE001 - reported to that request's caller
-                    failed.append((cmd.request_id, err))
-        return failed
+                    early.append((cmd.request_id, err))
+        return early
 
-    def _step(self) -> tuple[list[RequestOutput], list[tuple[str, BaseException]]]:
-        failed = self._apply_commands()
+    def _step(self) -> tuple[list[RequestOutput], list[tuple[str, RequestOutput | BaseException]]]:
+        early = self._apply_commands()
         try:
             outputs = self.engine.step() if self.engine.has_unfinished else []
+        except EngineDeadError:
+            raise  # a lost tensor-parallel rank cannot be recovered here: the loop dies, health fails
         except Exception as err:  # noqa: BLE001 - one bad step fails its requests, not the loop
             log.exception("engine step failed; failing the requests in flight")
             outputs = self.engine.fail_all(f"engine step failed: {type(err).__name__}: {err}")
+        self._stats = self.engine.stats()
         self.last_step_end = time.monotonic()
-        return outputs, failed
+        return outputs, early
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -166,9 +181,9 @@ class AsyncEngine:
                 if not self.engine.has_unfinished and self._commands.empty():
                     await self._wake.wait()
                 self._wake.clear()
-                outputs, failed = await loop.run_in_executor(self._executor, self._step)
-                for request_id, err in failed:
-                    self._deliver(request_id, err)
+                outputs, early = await loop.run_in_executor(self._executor, self._step)
+                for request_id, item in early:
+                    self._deliver(request_id, item)
                 for out in outputs:
                     self._deliver(out.request_id, out)
         except asyncio.CancelledError:

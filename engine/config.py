@@ -33,6 +33,10 @@ class SchedulerConfig(BaseModel):
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
     policy: Literal["fcfs", "priority"] = "fcfs"
+    # Inter-token latency target: when set, the sequence cap and token budget adapt online so
+    # the measured step period stays under it (engine/latency_controller.py); the maxima above
+    # remain upper bounds.
+    target_step_seconds: float | None = Field(None, gt=0)
 
 
 class EngineConfig(BaseModel):
@@ -42,6 +46,7 @@ class EngineConfig(BaseModel):
     dtype: DTypeName = "auto"
     device: str = "cpu"
     max_model_len: int | None = Field(None, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
     chat_template: ChatTemplate = "mistral"
     seed: int = 0
     cache: CacheConfig = CacheConfig()

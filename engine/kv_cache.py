@@ -3,10 +3,13 @@
 A full block is named by a chained hash of (parent block's hash, its tokens), so one hash
 names a whole prefix. Freed blocks keep their contents and hash until they are reused:
 freed cached blocks form an LRU, and a later request with the same prefix takes them back.
+A hash hit is only trusted once the block's own tokens and the block it was computed after
+are checked, so even colliding hashes never hand out K/V computed under another prefix.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -19,6 +22,13 @@ class Block:
     ref_count: int = 0
     hash: int | None = None
     tokens: tuple[int, ...] = ()  # kept to verify a hash hit token by token
+    # Each allocation gets a fresh, never reused fill id. A cached block records the fill id of
+    # the block before it when its K/V were computed: with the tokens, that pins down the whole
+    # prefix by induction, which the hash (64-bit, unkeyed for ints) alone cannot.
+    # NOTE: when two requests prefill the same prefix at once, a block that followed the copy
+    # the cache does not name is missed by later lookups: a lost hit, never a wrong one.
+    fill_id: int = -1
+    parent_fill: int | None = None
 
 
 def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
@@ -37,6 +47,7 @@ class BlockManager:
         # freed cached ones at the back (evicted least-recently-used, O(1) each).
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}  # chain hash -> block id
+        self._fill_ids = itertools.count()
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
 
@@ -66,11 +77,16 @@ class BlockManager:
             return []
         full = (seq.num_tokens - 1) // self.block_size
         hits: list[int] = []
+        parent_fill: int | None = None
         for h, tokens in self._block_hashes(seq, full):
             block_id = self.cached.get(h)
-            if block_id is None or self.blocks[block_id].tokens != tokens:
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            if block.tokens != tokens or block.parent_fill != parent_fill:
                 break
             hits.append(block_id)
+            parent_fill = block.fill_id
         return hits
 
     def admit(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -116,8 +132,9 @@ class BlockManager:
             if block.hash is not None:  # evict: its old contents are about to be overwritten
                 if self.cached.get(block.hash) == block_id:
                     del self.cached[block.hash]
-                block.hash, block.tokens = None, ()
+                block.hash, block.tokens, block.parent_fill = None, (), None
             block.ref_count = 1
+            block.fill_id = next(self._fill_ids)
             seq.block_table.append(block_id)
 
     def cache_full_blocks(self, seq: Sequence, num_computed_before: int) -> None:
@@ -135,6 +152,7 @@ class BlockManager:
             block = self.blocks[seq.block_table[b]]
             if block.hash is None:
                 block.hash, block.tokens = parent, tokens
+                block.parent_fill = self.blocks[seq.block_table[b - 1]].fill_id if b else None
                 self.cached.setdefault(parent, block.block_id)
 
     def free_seq(self, seq: Sequence) -> None:

@@ -72,6 +72,8 @@ class LLM:
     def _run(
         self, prompts: list[list[int]], params: SamplingParams, continuation: bool
     ) -> list[GenerationResult]:
+        for prompt_ids in prompts:  # all or nothing: a bad prompt must not strand the others
+            self.engine.validate(prompt_ids, params)
         results: dict[str, GenerationResult] = {}
         for prompt_ids in prompts:
             request_id = f"offline-{next(self._ids)}"

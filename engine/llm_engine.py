@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -11,9 +10,9 @@ import torch
 
 from engine.config import EngineConfig
 from engine.kv_cache import BlockManager
-from engine.loader import load_model
-from engine.model_runner import ModelRunner, StepOutput, available_memory, kv_bytes_per_block
-from engine.outputs import ChoiceDelta, EngineStats, RequestError, RequestOutput
+from engine.model_runner import StepOutput, build_runner
+from engine.parallel import TPGroup, WorkerHandle, WorkerLauncher, free_port, init_group, launch_local
+from engine.outputs import ChoiceDelta, EngineDeadError, EngineStats, RequestError, RequestOutput
 from engine.sampling import SamplingParams, make_generator
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus, TokenLogprob
@@ -23,33 +22,33 @@ log = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, launcher: WorkerLauncher = launch_local) -> None:
+        """`launcher` starts tensor-parallel ranks > 0 (local processes by default; the
+        serving layer passes one that starts them as actors in its placement group)."""
         self.config = config
         model_dir = Path(config.model)
         self.tokenizer = Tokenizer.from_dir(model_dir, config.chat_template)
-        self.device = torch.device(config.device)
         torch.manual_seed(config.seed)
         t0 = time.perf_counter()
-        ckpt_dtype = _checkpoint_dtype(model_dir)
-        self.dtype = config.torch_dtype(ckpt_dtype)
-        with torch.device(self.device):
-            self.model, self.model_config = load_model(model_dir, self.dtype, config.load_progress)
+        world = config.tensor_parallel_size
+        self.workers: list[WorkerHandle] = []
+        tp = TPGroup()
+        if world > 1:
+            init_method = f"tcp://127.0.0.1:{free_port()}"
+            cfg_json = config.model_dump_json()
+            self.workers = [launcher(rank, world, init_method, cfg_json) for rank in range(1, world)]
+            tp = init_group(0, world, init_method, torch.device(config.device))
+        self.runner = build_runner(config, tp, self.tokenizer.eos_id)
         self.load_seconds = time.perf_counter() - t0
-        cfg = self.model_config
+        self.model = self.runner.model
+        self.model_config = cfg = self.model.cfg
+        self.dtype = self.model.embed.dtype
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        block_size = config.cache.block_size
-        per_block = kv_bytes_per_block(cfg, block_size, self.dtype)
-        budget = config.cache.kv_cache_bytes or int(available_memory(self.device) * config.cache.kv_cache_fraction)
-        num_blocks = budget // per_block
-        if num_blocks < 1:
-            raise ValueError(f"KV cache budget of {budget} bytes is smaller than one block ({per_block} bytes)")
-        self.blocks = BlockManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.blocks)
-        self.runner = ModelRunner(self.model, num_blocks, block_size, self.device, self.tokenizer.eos_id)
         log.info(
-            "engine ready: %s in %s, loaded in %.1fs; KV cache %d blocks x %d tokens = %d tokens (%.1f MiB)",
-            model_dir, str(self.dtype).removeprefix("torch."), self.load_seconds,
-            num_blocks, block_size, num_blocks * block_size, num_blocks * per_block / 2**20,
+            "engine ready: %s in %s (tensor parallel %d), loaded in %.1fs; KV cache holds %d tokens",
+            model_dir, str(self.dtype).removeprefix("torch."), world, self.load_seconds, self.kv_capacity_tokens,
         )
         self.requests: dict[str, list[Sequence]] = {}
         self._prompt_tokens = 0
@@ -113,7 +112,7 @@ class LLMEngine:
                     num_prompt_tokens=len(prompt_ids),
                     params=params,
                     detokenizer=self.tokenizer.detokenizer(prompt_ids, continuation),
-                    generator=make_generator(seed, self.device),
+                    generator=make_generator(seed),
                     priority=priority,
                     parent=seqs[0] if seqs else None,
                 )
@@ -123,17 +122,23 @@ class LLMEngine:
             self.scheduler.add(seq)
         return len(prompt_ids)
 
-    def abort_request(self, request_id: str) -> bool:
-        """Stops a request now and frees its KV blocks; False when it is unknown or done."""
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stops a request now and frees its KV blocks.
+
+        Returns its final output (finish_reason "abort" for each choice still going), so a
+        caller waiting on the request learns it ended; None when it is unknown or done.
+        """
         seqs = self.requests.pop(request_id, None)
         if seqs is None:
-            return False
+            return None
+        choices = []
         for seq in seqs:
             if not seq.is_finished:
                 seq.status = SequenceStatus.FINISHED
                 seq.finish_reason = "abort"
                 self.scheduler.remove(seq)
-        return True
+                choices.append(ChoiceDelta(index=seq.index, token_ids=[], text="", finish_reason="abort"))
+        return self._request_output(request_id, seqs, choices)
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """Ends every request with an error (used when a step raised)."""
@@ -147,12 +152,23 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel ranks (no-op without tensor parallelism)."""
+        if self.workers and all(w.is_alive() for w in self.workers):
+            self.runner.stop_workers()
+        for worker in self.workers:
+            worker.stop()
+        self.workers = []
+
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        dead = [i + 1 for i, w in enumerate(self.workers) if not w.is_alive()]
+        if dead:
+            raise EngineDeadError(f"tensor-parallel rank(s) {dead} died")
         computed_before = {id(s.seq): s.seq.num_computed_tokens for s in batch}
         result = self.runner.execute(batch)
         for item in batch:
@@ -217,7 +233,9 @@ class LLMEngine:
         if not seq.is_finished:
             if params.max_tokens is not None and n_out >= params.max_tokens:
                 self._finish(seq, "length", None)
-            elif seq.num_tokens >= self.max_model_len:
+            elif seq.num_tokens >= min(self.max_model_len, self.kv_capacity_tokens):
+                # The pool bounds a sequence as the context does (`validate` only sees max_tokens):
+                # one that outgrew the whole pool would preempt itself and never be readmitted.
                 self._finish(seq, "length", None)
 
     @staticmethod
@@ -277,10 +295,3 @@ class LLMEngine:
             last_batch_seqs=self._last_batch[1],
             expert_tokens=self._expert_tokens.tolist(),
         )
-
-
-def _checkpoint_dtype(model_dir: Path) -> str | None:
-    cfg = model_dir / "config.json"
-    if cfg.is_file():
-        return json.loads(cfg.read_text()).get("torch_dtype")
-    return None

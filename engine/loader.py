@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
 from engine.model import Mixtral
+from engine.parallel import TPGroup, check_tp_size
 from engine.model_config import CheckpointFormat, ModelConfig, load_model_config
 from engine.weight_names import hf_tensor_shapes, mistral_to_hf, permute_mistral_to_hf, rotary_heads
 
@@ -46,6 +48,15 @@ def weight_files(model_dir: Path, fmt: CheckpointFormat) -> list[Path]:
     return files
 
 
+def _read(handle: Any, key: str, shard: tuple[int, int, int] | None) -> torch.Tensor:
+    """The whole tensor, or only this rank's slice of it (never materialising the rest)."""
+    if shard is None:
+        return handle.get_tensor(key)
+    dim, start, stop = shard
+    sl = handle.get_slice(key)
+    return sl[start:stop] if dim == 0 else sl[:, start:stop]
+
+
 def load_weights(model: Mixtral, model_dir: Path, fmt: CheckpointFormat, progress: bool = True) -> None:
     cfg = model.cfg
     expected = hf_tensor_shapes(cfg)
@@ -69,10 +80,9 @@ def load_weights(model: Mixtral, model_dir: Path, fmt: CheckpointFormat, progres
                     )
                 if hf_name in seen:
                     raise CheckpointError(f"tensor {key!r} appears twice (again in {path})")
-                tensor = handle.get_tensor(key)
-                heads = rotary_heads(hf_name, cfg)
-                if fmt == "mistral" and heads is not None:
-                    tensor = permute_mistral_to_hf(tensor, heads)
+                tensor = _read(handle, key, model.local.shard(hf_name, cfg))
+                if fmt == "mistral" and rotary_heads(hf_name, cfg) is not None:
+                    tensor = permute_mistral_to_hf(tensor, tensor.shape[0] // cfg.head_dim)
                 model.weight_slot(hf_name).copy_(tensor)
                 seen.add(hf_name)
     missing = [n for n in expected if n not in seen]
@@ -86,10 +96,13 @@ def load_weights(model: Mixtral, model_dir: Path, fmt: CheckpointFormat, progres
 
 
 def load_model(
-    model_dir: str | Path, dtype: torch.dtype, progress: bool = True
+    model_dir: str | Path, dtype: torch.dtype, progress: bool = True, tp: TPGroup | None = None
 ) -> tuple[Mixtral, ModelConfig]:
+    """The model, or with `tp` this rank's shard of it (each rank reads only its own slices)."""
     model_dir = Path(model_dir)
     cfg, fmt = load_model_config(model_dir)
-    model = Mixtral(cfg, dtype)
+    if tp is not None:
+        check_tp_size(cfg, tp.world_size)
+    model = Mixtral(cfg, dtype, tp)
     load_weights(model, model_dir, fmt, progress)
     return model.eval(), cfg

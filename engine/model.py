@@ -16,6 +16,7 @@ from torch import nn
 from engine.attention import AttentionMetadata, paged_attention
 from engine.model_config import ModelConfig
 from engine.moe import fused_moe, select_experts
+from engine.parallel import LocalShape, TPGroup
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -46,43 +47,51 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)  # [P, hd]
         self.register_buffer("sin", emb.sin().to(dtype), persistent=False)  # [P, hd]
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, hd]
-        sin = self.sin[positions].unsqueeze(1)  # [T, 1, hd]
-        x1, x2 = x.chunk(2, dim=-1)  # [T, h, hd/2] each
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # [T, h, hd]
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for these positions, [T, 1, hd] each: looked up once per step, used by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)  # [T, h, hd/2] each
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # [T, h, hd]
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    """This rank's heads (all of them without tensor parallelism)."""
+
+    def __init__(self, cfg: ModelConfig, local: LocalShape, tp: TPGroup, dtype: torch.dtype) -> None:
         super().__init__()
-        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.qkv = _param(cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size, dtype=dtype)
-        self.o = _param(cfg.hidden_size, cfg.q_size, dtype=dtype)
+        self.tp = tp
+        self.n_heads, self.n_kv, self.hd = local.n_heads, local.n_kv_heads, cfg.head_dim
+        self.qkv = _param((self.n_heads + 2 * self.n_kv) * self.hd, cfg.hidden_size, dtype=dtype)
+        self.o = _param(cfg.hidden_size, self.n_heads * self.hd, dtype=dtype)
 
     def forward(
         self,
         x: torch.Tensor,  # [T, D]
-        positions: torch.Tensor,  # [T]
-        rotary: Rotary,
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [T, 1, hd]
         kv_cache: torch.Tensor,  # [2, S, KVH, hd]
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = x @ self.qkv.t()  # [T, (H + 2 KVH) hd]
         q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
-        q = rotary(q.view(t, self.n_heads, self.hd), positions)  # [T, H, hd]
-        k = rotary(k.view(t, self.n_kv, self.hd), positions)  # [T, KVH, hd]
+        q = apply_rotary(q.view(t, self.n_heads, self.hd), *rope)  # [T, H, hd]
+        k = apply_rotary(k.view(t, self.n_kv, self.hd), *rope)  # [T, KVH, hd]
         v = v.view(t, self.n_kv, self.hd)  # [T, KVH, hd]
         attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta)  # [T, H hd]
-        return attn @ self.o.t()  # [T, D]
+        return self.tp.all_reduce(attn @ self.o.t())  # [T, D] summed over ranks' heads
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    """Every expert, with this rank's slice of its intermediate dimension."""
+
+    def __init__(self, cfg: ModelConfig, local: LocalShape, tp: TPGroup, dtype: torch.dtype) -> None:
         super().__init__()
+        self.tp = tp
         self.top_k = cfg.num_experts_per_tok
-        e, d, i = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        e, d, i = cfg.num_local_experts, cfg.hidden_size, local.intermediate
         self.gate = _param(e, d, dtype=dtype)
         self.w13 = _param(e, 2 * i, d, dtype=dtype)
         self.w2 = _param(e, d, i, dtype=dtype)
@@ -91,24 +100,32 @@ class MoE(nn.Module):
         """Returns the block output [T, D] and each token's chosen experts [T, k]."""
         router_logits = x @ self.gate.t()  # [T, E]
         weights, ids = select_experts(router_logits, self.top_k)  # [T, k], [T, k]
-        return fused_moe(x, self.w13, self.w2, weights, ids), ids
+        out = fused_moe(x, self.w13, self.w2, weights, ids)  # [T, D] partial sum over this rank's slice
+        return self.tp.all_reduce(out), ids
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, local: LocalShape, tp: TPGroup, dtype: torch.dtype) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attn = Attention(cfg, dtype)
+        self.attn = Attention(cfg, local, tp, dtype)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.moe = MoE(cfg, dtype)
+        self.moe = MoE(cfg, local, tp, dtype)
 
 
 class Mixtral(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    """The whole model, or one tensor-parallel rank's share of it (embeddings, norms, router
+    and LM head are replicated)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.tp = tp or TPGroup()
+        self.local = LocalShape.of(cfg, self.tp)
         self.embed = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, self.local, self.tp, dtype) for _ in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, dtype)
@@ -124,8 +141,9 @@ class Mixtral(nn.Module):
     ) -> torch.Tensor:
         """Final hidden states [T, D] (normalised); `logits` projects the rows that sample."""
         h = F.embedding(input_ids, self.embed)  # [T, D]
+        rope = self.rotary.tables(positions)
         for i, layer in enumerate(self.layers):
-            h = h + layer.attn(layer.attn_norm(h), positions, self.rotary, kv_caches[i], meta)  # [T, D]
+            h = h + layer.attn(layer.attn_norm(h), rope, kv_caches[i], meta)  # [T, D]
             moe_out, ids = layer.moe(layer.ffn_norm(h))  # [T, D], [T, k]
             h = h + moe_out  # [T, D]
             if expert_counts is not None:
@@ -137,7 +155,7 @@ class Mixtral(nn.Module):
         return (hidden @ self.lm_head.t()).float()  # [N, V]
 
     def weight_slot(self, hf_name: str) -> torch.Tensor:
-        """The view of an engine parameter that holds the Hugging Face tensor `hf_name`."""
+        """The view of an engine parameter that holds (this rank's slice of) tensor `hf_name`."""
         if hf_name == "model.embed_tokens.weight":
             return self.embed
         if hf_name == "model.norm.weight":
@@ -148,8 +166,8 @@ class Mixtral(nn.Module):
         if not m or int(m.group(1)) >= len(self.layers):
             raise KeyError(hf_name)
         layer, rest = self.layers[int(m.group(1))], m.group(2)
-        q, kv = self.cfg.q_size, self.cfg.kv_size
-        inter = self.cfg.intermediate_size
+        q, kv = self.local.n_heads * self.cfg.head_dim, self.local.n_kv_heads * self.cfg.head_dim
+        inter = self.local.intermediate
         fixed = {
             "input_layernorm": layer.attn_norm.weight,
             "post_attention_layernorm": layer.ffn_norm.weight,

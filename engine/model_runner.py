@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from engine.attention import AttentionMetadata, PrefillChunk
+from engine.config import EngineConfig
+from engine.loader import load_model
 from engine.model import Mixtral
 from engine.model_config import ModelConfig
+from engine.parallel import TPGroup, init_group
 from engine.sampling import Sampler, SamplerOutput, SamplingRow
 from engine.scheduler import ScheduledSeq
 
+log = logging.getLogger(__name__)
 
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+
+def kv_bytes_per_block(cfg: ModelConfig, n_kv_heads: int, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
-    return cfg.num_hidden_layers * 2 * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+    return cfg.num_hidden_layers * 2 * block_size * n_kv_heads * cfg.head_dim * elem
 
 
 def available_memory(device: torch.device) -> int:
@@ -26,6 +34,19 @@ def available_memory(device: torch.device) -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+
+
+@dataclass
+class StepItem:
+    """One sequence's part of a step: all a rank needs to run it (broadcast under TP)."""
+
+    token_ids: list[int]  # the tokens computed this step
+    start: int  # position of the first of them
+    block_table: list[int]
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.token_ids) == 1 and self.start > 0
 
 
 @dataclass
@@ -41,13 +62,15 @@ class ModelRunner:
     ) -> None:
         cfg = model.cfg
         self.model = model
+        self.tp = model.tp
+        self.num_blocks = num_blocks
         self.cfg = cfg
         self.block_size = block_size
         self.device = device
         self.eos_id = eos_id
         dtype = model.embed.dtype
         self.kv_caches = torch.zeros(  # [L, 2, S, KVH, hd]
-            cfg.num_hidden_layers, 2, num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim,
+            cfg.num_hidden_layers, 2, num_blocks * block_size, model.local.n_kv_heads, cfg.head_dim,
             dtype=dtype, device=device,
         )
         self.sampler = Sampler()
@@ -66,25 +89,20 @@ class ModelRunner:
             mask &= k_pos > q_pos.unsqueeze(-1) - self.cfg.sliding_window
         return mask
 
-    def _build(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        decodes = [s for s in batch if s.num_new_tokens == 1 and s.seq.num_computed_tokens > 0]
-        prefills = [s for s in batch if not (s.num_new_tokens == 1 and s.seq.num_computed_tokens > 0)]
-        batch[:] = decodes + prefills  # decode tokens lead the flat batch
-        ids: list[int] = []
-        pos: list[int] = []
-        for item in batch:
-            start = item.seq.num_computed_tokens
-            ids.extend(item.seq.token_ids[start : start + item.num_new_tokens])
-            pos.extend(range(start, start + item.num_new_tokens))
+    def _build(self, items: list[StepItem]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flat batch tensors for `items`, which list decodes first."""
+        ids = [t for item in items for t in item.token_ids]
+        pos = [p for item in items for p in range(item.start, item.start + len(item.token_ids))]
         dev = self.device
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)  # [T]
         positions = torch.tensor(pos, dtype=torch.long, device=dev)  # [T]
+        decodes = [item for item in items if item.is_decode]
         slot_parts: list[torch.Tensor] = []
         decode_slots = decode_mask = None
         if decodes:
-            width = max(len(s.seq.block_table) for s in decodes)
+            width = max(len(d.block_table) for d in decodes)
             tables = torch.tensor(  # [B, nb], padded with block 0 (masked out below)
-                [s.seq.block_table + [0] * (width - len(s.seq.block_table)) for s in decodes], device=dev
+                [d.block_table + [0] * (width - len(d.block_table)) for d in decodes], device=dev
             )
             d_pos = positions[: len(decodes)]  # [B]
             length = int(d_pos.max()) + 1
@@ -93,9 +111,9 @@ class ModelRunner:
             slot_parts.append(decode_slots.gather(1, d_pos[:, None]).squeeze(1))  # [B]
         chunks: list[PrefillChunk] = []
         offset = len(decodes)
-        for item in prefills:
-            start, n = item.seq.num_computed_tokens, item.num_new_tokens
-            table = torch.tensor(item.seq.block_table, device=dev)  # [nb]
+        for item in items[len(decodes) :]:
+            start, n = item.start, len(item.token_ids)
+            table = torch.tensor(item.block_table, device=dev)  # [nb]
             ctx_slots = self._slots(table, start + n)  # [C]
             slot_parts.append(ctx_slots[start:])
             window = self.cfg.sliding_window
@@ -112,11 +130,26 @@ class ModelRunner:
         )
         return input_ids, positions, meta
 
-    def execute(self, batch: list[ScheduledSeq]) -> StepOutput:
-        """Runs one step; reorders `batch` in place (decodes first)."""
-        input_ids, positions, meta = self._build(batch)
+    def _forward(self, items: list[StepItem]) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids, positions, meta = self._build(items)
         counts = torch.zeros(self.cfg.num_hidden_layers, self.cfg.num_local_experts, dtype=torch.long)
         hidden = self.model(input_ids, positions, self.kv_caches, meta, counts)  # [T, D]
+        return hidden, counts
+
+    def execute(self, batch: list[ScheduledSeq]) -> StepOutput:
+        """Runs one step on every rank; reorders `batch` in place (decodes first)."""
+        items = [
+            StepItem(
+                s.seq.token_ids[s.seq.num_computed_tokens : s.seq.num_computed_tokens + s.num_new_tokens],
+                s.seq.num_computed_tokens,
+                list(s.seq.block_table),
+            )
+            for s in batch
+        ]
+        order = sorted(range(len(batch)), key=lambda i: not items[i].is_decode)  # stable: decodes first
+        batch[:] = [batch[i] for i in order]
+        items = self.tp.broadcast([items[i] for i in order])
+        hidden, counts = self._forward(items)
         ends = torch.tensor([s.num_new_tokens for s in batch], device=self.device).cumsum(0) - 1  # [N]
         sampled = [s for s in batch if s.samples]
         keep = torch.tensor([s.samples for s in batch], device=self.device)  # [N]
@@ -133,3 +166,42 @@ class ModelRunner:
         ]
         tokens = self.sampler(logits, rows) if rows else SamplerOutput([], None, None)
         return StepOutput(sampled, tokens, counts)
+
+    def serve_forever(self) -> None:
+        """Ranks > 0: run each step rank 0 broadcasts, until it broadcasts None."""
+        while (items := self.tp.broadcast(None)) is not None:
+            self._forward(items)
+
+    def stop_workers(self) -> None:
+        if self.tp.world_size > 1 and self.tp.rank == 0:
+            self.tp.broadcast(None)
+
+
+def checkpoint_dtype(model_dir: Path) -> str | None:
+    cfg = model_dir / "config.json"
+    if cfg.is_file():
+        return json.loads(cfg.read_text()).get("torch_dtype")
+    return None
+
+
+def build_runner(config: EngineConfig, tp: TPGroup, eos_id: int) -> ModelRunner:
+    """Loads this rank's model and a KV pool sized from the memory budget (the same on every rank)."""
+    model_dir = Path(config.model)
+    device = torch.device(config.device)
+    dtype = config.torch_dtype(checkpoint_dtype(model_dir))
+    with torch.device(device):
+        model, cfg = load_model(model_dir, dtype, config.load_progress and tp.rank == 0, tp)
+    block_size = config.cache.block_size
+    per_block = kv_bytes_per_block(cfg, model.local.n_kv_heads, block_size, dtype)
+    budget = config.cache.kv_cache_bytes or int(available_memory(device) * config.cache.kv_cache_fraction)
+    num_blocks = tp.min(budget // per_block)
+    if num_blocks < 1:
+        raise ValueError(f"KV cache budget of {budget} bytes is smaller than one block ({per_block} bytes)")
+    log.info("rank %d: KV cache %d blocks x %d tokens (%.1f MiB)", tp.rank, num_blocks, block_size,
+             num_blocks * per_block / 2**20)
+    return ModelRunner(model, num_blocks, block_size, device, eos_id)
+
+
+def build_worker_runner(config: EngineConfig, rank: int, world_size: int, init_method: str) -> ModelRunner:
+    tp = init_group(rank, world_size, init_method, torch.device(config.device))
+    return build_runner(config, tp, eos_id=-1)

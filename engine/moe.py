@@ -33,6 +33,8 @@ def fused_moe(
     """
     num_tokens, top_k = topk_ids.shape
     inter = w2.shape[2]
+    # NOTE: the weighted sum over a token's k outputs is a reshape, not an index_add_: it is
+    # deterministic, and index_add_ (scatter_add) is slow on CPU for these shapes.
     flat_ids = topk_ids.reshape(-1)  # [T*k]
     order = torch.argsort(flat_ids, stable=True)  # [T*k]
     counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
@@ -48,7 +50,7 @@ def fused_moe(
         act = F.silu(h[:, :inter]) * h[:, inter:]  # [n, I]
         out[start:end] = act @ w2[expert].t()  # [n, D]
         start = end
-    scale = topk_weights.reshape(-1).index_select(0, order).to(x.dtype)  # [T*k]
-    out.mul_(scale[:, None])
-    y = torch.zeros(num_tokens, x.shape[1], dtype=x.dtype, device=x.device)  # [T, D]
-    return y.index_add_(0, token_of, out)
+    unsorted = torch.empty_like(out)  # [T*k, D] back in (token, choice) order
+    unsorted[order] = out
+    weighted = unsorted.view(num_tokens, top_k, -1) * topk_weights.to(x.dtype).unsqueeze(-1)  # [T, k, D]
+    return weighted.sum(dim=1)  # [T, D]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from engine.config import SchedulerConfig
 from engine.kv_cache import BlockManager
+from engine.latency_controller import LatencyController
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -35,10 +36,34 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # A step-time target turns the caps adaptive (see latency_controller.py).
+        self.controller = LatencyController(config.target_step_seconds) if config.target_step_seconds else None
+        self._step_in_flight: tuple[float, int, int] | None = None  # (start, seqs, tokens) of the last batch
 
     def reconfigure(self, config: SchedulerConfig) -> None:
         """Live tuning: new caps apply from the next step; running work is left alone."""
         self.config = config
+        if config.target_step_seconds is None:
+            self.controller = None
+        elif self.controller is None:
+            self.controller = LatencyController(config.target_step_seconds)
+        else:
+            self.controller.target_seconds = config.target_step_seconds  # keep what it has learned
+
+    def _limits(self, now: float) -> tuple[int, int]:
+        """(token budget, sequence cap) for this step; feeds the controller the last step's period.
+
+        NOTE: the period runs from one schedule() to the next, so it counts everything a running
+        sequence waits between two tokens (model, sampling, delivery), not just the forward pass.
+        """
+        cfg = self.config
+        if self.controller is None:
+            return cfg.max_num_batched_tokens, cfg.max_num_seqs
+        if self._step_in_flight is not None:
+            start, seqs, tokens = self._step_in_flight
+            self.controller.observe(now - start, seqs, tokens)
+        seqs, budget = self.controller.limits(len(self.running), cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        return budget, seqs
 
     def _sort_key(self, seq: Sequence) -> tuple[int, float]:
         priority = seq.priority if self.config.policy == "priority" else 0
@@ -58,6 +83,8 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free_seq(seq)
+        if not self.has_work:
+            self._step_in_flight = None  # the engine idles now: the next period is not a step
 
     @property
     def has_work(self) -> bool:
@@ -69,10 +96,14 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        if self.config.policy == "priority":
+            self.add(seq)  # back in priority order: it must not jump ahead of more urgent work
+        else:
+            self.waiting.appendleft(seq)
 
     def schedule(self) -> list[ScheduledSeq]:
-        budget = self.config.max_num_batched_tokens
+        now = time.monotonic()
+        budget, max_num_seqs = self._limits(now)
         out: list[ScheduledSeq] = []
         preempted = False
         # 1. Running sequences, most important first; the least important give way.
@@ -94,7 +125,7 @@ class Scheduler:
             budget -= num_new
             i += 1
         # 2. Waiting sequences, in order, while budget, sequence cap and blocks allow.
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and not preempted and len(self.running) < max_num_seqs:
             seq = self.waiting[0]
             if seq.parent is not None and seq.parent.in_prefill and not seq.parent.is_finished:
                 break
@@ -109,4 +140,5 @@ class Scheduler:
             self.running.append(seq)
             out.append(ScheduledSeq(seq, num_new))
             budget -= num_new
+        self._step_in_flight = (now, len(out), sum(s.num_new_tokens for s in out)) if out else None
         return out

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from benchmarks import engine_bench
 from engine.checkpoint import DTYPES, PRESETS, default_model_dir, write_checkpoint
 
 if TYPE_CHECKING:  # heavy imports stay out of `--help`
@@ -122,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     p.add_argument("--system", help="system prompt")
     p.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("engine", help="decode tokens/s and TTFT of the engine next to its peers")
+    engine_bench.add_arguments(p)
+    p.set_defaults(func=engine_bench.main)
     return parser
 
 

@@ -1,0 +1,168 @@
+"""`mixtral-serve bench engine`: our engine next to its peers on one checkpoint, in one run.
+
+Workload (the same for every engine, as in benchmarks/peers/*.py): `batch` random token-id
+prompts of `prompt_len` tokens (fixed seed), greedy, `ignore_eos`, exactly `max_tokens` new
+tokens each, a warm-up of the same shape first, medians over `reps` fresh prompt sets.
+
+  decode_tok_s  batch * (T - 1) / (total_s - prefill_s): the decode phase alone
+  ttft_s        one `ttft_len`-token prompt, one new token
+  roofline      the decode rate if every step only streamed its weights at the measured bandwidth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.llm import LLM
+from engine.model_config import ModelConfig, load_model_config
+from engine.sampling import SamplingParams
+
+PEERS = Path(__file__).parent / "peers"
+
+
+def read_bandwidth_gbs(gib: float = 1.0) -> float:
+    """Best of a few read-only passes over a buffer much larger than the caches."""
+    buf = torch.ones(int(gib * 2**30) // 4)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    return buf.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_step(cfg: ModelConfig, batch: int, elem_bytes: int) -> float:
+    """Weights one decode step must read: attention, router, the experts the batch touches, LM head.
+
+    With uniform routing a layer touches E * (1 - (1 - k/E)^B) distinct experts for B tokens.
+    """
+    d, e, k = cfg.hidden_size, cfg.num_local_experts, cfg.num_experts_per_tok
+    attn = (cfg.q_size + 2 * cfg.kv_size) * d + d * cfg.q_size
+    experts = e * (1 - (1 - k / e) ** batch) * 3 * cfg.intermediate_size * d
+    per_layer = attn + e * d + experts
+    return (cfg.num_hidden_layers * per_layer + cfg.vocab_size * d) * elem_bytes
+
+
+def _prompts(rng: torch.Generator, n: int, length: int, vocab: int) -> list[list[int]]:
+    return [torch.randint(3, vocab, (length,), generator=rng).tolist() for _ in range(n)]
+
+
+def bench_ours(args: argparse.Namespace) -> list[dict[str, Any]]:
+    max_batch = max(args.batch)
+    llm = LLM(
+        args.model, dtype=args.dtype, load_progress=False,
+        cache={"kv_cache_bytes": args.kv_cache_mb * 2**20},
+        scheduler={"max_num_seqs": max(max_batch, 1), "max_num_batched_tokens": max(2048, args.ttft_len)},
+    )
+    vocab = llm.engine.model_config.vocab_size
+    rng = torch.Generator().manual_seed(args.seed)
+
+    def timed(n: int, length: int, max_tokens: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        prompts = _prompts(rng, n, length, vocab)
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        assert sum(len(o.token_ids) for o in outs) == n * max_tokens
+        return time.perf_counter() - t
+
+    ttft = None
+    if args.ttft_len:
+        timed(1, args.ttft_len, 1)
+        ttft = statistics.median(timed(1, args.ttft_len, 1) for _ in range(args.reps))
+    rows = []
+    for b in args.batch:
+        timed(b, args.prompt_len, args.max_tokens)
+        pre = statistics.median(timed(b, args.prompt_len, 1) for _ in range(args.reps))
+        tot = statistics.median(timed(b, args.prompt_len, args.max_tokens) for _ in range(args.reps))
+        rows.append({"engine": "mixtral-serve", "batch": b, "dtype": str(llm.engine.dtype).removeprefix("torch."),
+                     "decode_tok_s": b * (args.max_tokens - 1) / max(tot - pre, 1e-9), "ttft_s": ttft})
+    return rows
+
+
+def bench_peer(cmd: list[str], env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if not rows:
+        print(f"peer failed ({' '.join(cmd[:3])} ...):\n{done.stderr[-2000:]}", file=sys.stderr)
+    return rows
+
+
+def _common(args: argparse.Namespace, dtype: str) -> list[str]:
+    return ["--model", str(args.model), "--dtype", dtype, "--batch", *map(str, args.batch),
+            "--prompt-len", str(args.prompt_len), "--max-tokens", str(args.max_tokens),
+            "--ttft-len", str(args.ttft_len), "--reps", str(args.reps), "--seed", str(args.seed)]
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    cfg, _ = load_model_config(Path(args.model))
+    rows = bench_ours(args)
+    dtype = rows[0]["dtype"]
+    if args.transformers:
+        rows += bench_peer([sys.executable, str(PEERS / "hf_generate.py"), *_common(args, dtype)])
+    if args.vllm_python:
+        env = os.environ | {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+        rows += bench_peer([args.vllm_python, str(PEERS / "vllm_offline.py"), *_common(args, dtype)], env)
+    bandwidth = read_bandwidth_gbs()
+    elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    for b in args.batch:
+        step_bytes = weight_bytes_per_step(cfg, b, elem)
+        rows.append({"engine": "roofline", "batch": b, "dtype": dtype,
+                     "decode_tok_s": b * bandwidth * 1e9 / step_bytes, "ttft_s": None,
+                     "note": f"{step_bytes / 1e9:.2f} GB/step at {bandwidth:.1f} GB/s read"})
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    engines = list(dict.fromkeys(r["engine"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    table = Table(title="decode tokens/s (greedy, 32-token prompts) and TTFT")
+    table.add_column("batch")
+    for e in engines:
+        table.add_column(e, justify="right")
+    for b in batches:
+        cells = []
+        for e in engines:
+            hit = [r for r in rows if r["engine"] == e and r["batch"] == b]
+            cells.append(f"{hit[0]['decode_tok_s']:.1f}" if hit else "-")
+        table.add_row(str(b), *cells)
+    ttft = []
+    for e in engines:
+        hit = [r["ttft_s"] for r in rows if r["engine"] == e and r.get("ttft_s")]
+        ttft.append(f"{hit[0] * 1000:.0f} ms" if hit else "-")
+    table.add_row("TTFT", *ttft)
+    Console().print(table)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="checkpoint folder (Hugging Face layout for peers)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--ttft-len", type=int, default=1024, help="prompt length of the TTFT test (0: skip)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-cache-mb", type=int, default=2048)
+    p.add_argument("--transformers", action="store_true", help="also run transformers' generate()")
+    p.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed, to run vLLM as a peer")
+    p.add_argument("--json-out", type=Path, help="write all rows here")
+
+
+def main(args: argparse.Namespace) -> None:
+    rows = run(args)
+    print_table(rows)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(rows, indent=2))

@@ -1,0 +1,159 @@
+"""Tensor parallelism: the process group, the sharding rules, and the rank workers.
+
+Megatron-style, as a small local transformation of the model: attention heads and every
+expert's intermediate dimension are split across ranks, everything else is replicated, and
+one all-reduce follows attention and one follows the MoE block. Rank 0 schedules and
+samples; per step only the batch description is broadcast to the other ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from engine.model_config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TPGroup:
+    """This process's place in the tensor-parallel group (world_size 1: no communication)."""
+
+    rank: int = 0
+    world_size: int = 1
+    group: Any = field(default=None, repr=False)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def min(self, value: int) -> int:
+        """The smallest of every rank's `value` (e.g. KV blocks that fit on every rank)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0 sends `obj`; every rank returns it."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_group(rank: int, world_size: int, init_method: str, device: torch.device) -> TPGroup:
+    if world_size == 1:
+        return TPGroup()
+    if device.type == "cpu":
+        # NOTE: ranks share the host's cores; one rank per core set avoids oversubscription.
+        torch.set_num_threads(max(1, (os.cpu_count() or world_size) // world_size))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+    return TPGroup(rank, world_size, dist.group.WORLD)
+
+
+def check_tp_size(cfg: ModelConfig, tp: int) -> None:
+    """The split must give every rank whole heads, whole KV-head groups and equal expert slices."""
+    h, kv, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    if h % tp:
+        raise ValueError(f"tensor_parallel_size {tp} does not divide the {h} attention heads")
+    if kv % tp and tp % kv:
+        raise ValueError(f"tensor_parallel_size {tp} and the {kv} KV heads must divide one another")
+    if inter % tp:
+        raise ValueError(f"tensor_parallel_size {tp} does not divide the intermediate size {inter}")
+
+
+@dataclass(frozen=True)
+class LocalShape:
+    """What one rank holds."""
+
+    n_heads: int
+    n_kv_heads: int
+    intermediate: int
+    kv_head_offset: int  # first KV head this rank holds
+    rank: int
+    world_size: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, tp: TPGroup) -> "LocalShape":
+        w = tp.world_size
+        n_kv = max(cfg.num_key_value_heads // w, 1)
+        # With fewer KV heads than ranks, each rank keeps the one KV head its query heads use.
+        kv_offset = tp.rank * cfg.num_key_value_heads // w
+        return cls(cfg.num_attention_heads // w, n_kv, cfg.intermediate_size // w, kv_offset, tp.rank, w)
+
+    def shard(self, hf_name: str, cfg: ModelConfig) -> tuple[int, int, int] | None:
+        """(dim, start, stop) of this rank's slice of a Hugging Face tensor; None = replicated."""
+        if self.world_size == 1:
+            return None
+        hd, r = cfg.head_dim, self.rank
+        if hf_name.endswith("q_proj.weight"):
+            return 0, r * self.n_heads * hd, (r + 1) * self.n_heads * hd
+        if hf_name.endswith(("k_proj.weight", "v_proj.weight")):
+            return 0, self.kv_head_offset * hd, (self.kv_head_offset + self.n_kv_heads) * hd
+        if hf_name.endswith("o_proj.weight"):
+            return 1, r * self.n_heads * hd, (r + 1) * self.n_heads * hd
+        if hf_name.endswith(("w1.weight", "w3.weight")):
+            return 0, r * self.intermediate, (r + 1) * self.intermediate
+        if hf_name.endswith("w2.weight"):
+            return 1, r * self.intermediate, (r + 1) * self.intermediate
+        return None
+
+
+class WorkerHandle(Protocol):
+    """A running rank > 0 (a local process, or a Ray actor the serving layer started)."""
+
+    def is_alive(self) -> bool: ...
+
+    def stop(self) -> None: ...
+
+
+class WorkerLauncher(Protocol):
+    def __call__(self, rank: int, world_size: int, init_method: str, config_json: str) -> WorkerHandle: ...
+
+
+class LocalProcess:
+    def __init__(self, process: Any) -> None:
+        self.process = process
+
+    def is_alive(self) -> bool:
+        return bool(self.process.is_alive())
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.join(timeout=10)
+
+
+def launch_local(rank: int, world_size: int, init_method: str, config_json: str) -> WorkerHandle:
+    """Offline use: each rank > 0 is a local process (spawned, so no forked torch state)."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    process = ctx.Process(target=run_worker, args=(rank, world_size, init_method, config_json), daemon=True)
+    process.start()
+    return LocalProcess(process)
+
+
+def run_worker(rank: int, world_size: int, init_method: str, config_json: str) -> None:
+    """Entry point of a rank > 0: load this rank's shard, then run every step rank 0 announces."""
+    from engine.config import EngineConfig
+    from engine.model_runner import build_worker_runner
+
+    config = EngineConfig.model_validate_json(config_json)
+    runner = build_worker_runner(config, rank, world_size, init_method)
+    runner.serve_forever()
