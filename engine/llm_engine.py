@@ -159,6 +159,7 @@ class LLMEngine:
         for worker in self.workers:
             worker.stop()
         self.workers = []
+        self.runner.tp.close()
 
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -43,6 +43,10 @@ class TPGroup:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return int(t.item())
 
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0 sends `obj`; every rank returns it."""
         if self.world_size == 1:

@@ -1,0 +1,78 @@
+"""Tensor parallelism on CPU: 2 ranks joined with gloo generate exactly what one process does."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.checkpoint import PRESETS
+from engine.model_config import ModelConfig
+from engine.outputs import EngineDeadError
+from engine.parallel import LocalShape, TPGroup, check_tp_size
+
+MQA = ModelConfig(hidden_size=96, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                  vocab_size=32000, max_position_embeddings=2048)
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+PROMPTS = [[1, 2, 3, 4, 5], [1, *range(100, 160)], [1, 900]]
+
+
+def _generate(ckpt, tp: int, layout_note: str = "") -> tuple[list[list[int]], LLM]:
+    llm = LLM(ckpt, dtype="float32", tensor_parallel_size=tp, cache={"kv_cache_bytes": 8 << 20},
+              load_progress=False)
+    return [r.token_ids for r in llm.generate(PROMPTS, GREEDY)], llm
+
+
+@pytest.mark.parametrize(("cfg", "layout"), [(PRESETS["tiny"], "hf"), (MQA, "mistral")], ids=["gqa-hf", "mqa-mistral"])
+def test_tp2_matches_tp1(make_checkpoint, cfg: ModelConfig, layout: str) -> None:
+    threads = torch.get_num_threads()
+    ckpt = make_checkpoint(cfg, layout=layout)
+    single, _ = _generate(ckpt, 1)
+    try:
+        split, llm = _generate(ckpt, 2)
+        # Each rank really holds half: half the heads (or the one shared KV head) and half of every expert.
+        local = llm.engine.model.local
+        assert local.n_heads == cfg.num_attention_heads // 2
+        assert llm.engine.model.layers[0].moe.w13.shape[1] == cfg.intermediate_size  # 2I / 2
+        assert split == single
+        llm.engine.shutdown()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_dead_rank_is_reported_not_hung(make_checkpoint) -> None:
+    threads = torch.get_num_threads()
+    try:
+        _, llm = _generate(make_checkpoint(), 2)
+        worker = llm.engine.workers[0]
+        worker.process.kill()
+        worker.process.join(timeout=10)
+        t = time.monotonic()
+        with pytest.raises(EngineDeadError, match=r"rank\(s\) \[1\] died"):
+            llm.generate(PROMPTS, GREEDY)
+        assert time.monotonic() - t < 5
+        llm.engine.shutdown()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_sharding_rules() -> None:
+    cfg = PRESETS["bench"]  # 16 heads, 4 KV heads, intermediate 3584
+    check_tp_size(cfg, 4)
+    with pytest.raises(ValueError, match="does not divide the 16 attention heads"):
+        check_tp_size(cfg, 3)
+    with pytest.raises(ValueError, match="must divide one another"):
+        check_tp_size(cfg.model_copy(update={"num_key_value_heads": 8, "num_attention_heads": 24}), 6)
+    # 8 ranks, 4 KV heads: ranks 2k and 2k+1 both keep KV head k, the one their query heads use.
+    shapes = [LocalShape.of(cfg, TPGroup(rank=r, world_size=8)) for r in range(8)]
+    assert [s.kv_head_offset for s in shapes] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert all(s.n_heads == 2 and s.n_kv_heads == 1 for s in shapes)
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    for s in shapes:  # every local query head maps to the local KV head
+        assert {(s.rank * s.n_heads + h) // group for h in range(s.n_heads)} == {s.kv_head_offset}
+    assert shapes[3].shard("model.layers.0.block_sparse_moe.experts.1.w2.weight", cfg) == (1, 1344, 1792)
+    assert shapes[3].shard("model.layers.0.self_attn.o_proj.weight", cfg) == (1, 384, 512)
+    assert shapes[3].shard("model.layers.0.block_sparse_moe.gate.weight", cfg) is None
