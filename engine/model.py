@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
+from engine.linear import Linear
 from engine.model_config import ModelConfig
 from engine.moe import fused_moe, select_experts
 from engine.parallel import LocalShape, TPGroup
@@ -22,6 +23,21 @@ from engine.parallel import LocalShape, TPGroup
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     # Uninitialised: every parameter is overwritten by the loader, which checks none is missed.
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+def _prepared(param: nn.Parameter) -> Linear:
+    """The inference layout of a loaded weight; the parameter lets go of a weight that was copied."""
+    linear = Linear(param.data)
+    if linear.packed is not None:
+        param.data = param.data.new_empty(0)
+    return linear
+
+
+def _prepared_experts(param: nn.Parameter) -> list[Linear]:
+    linears = [Linear(param.data[e]) for e in range(param.shape[0])]
+    if linears[0].packed is not None:
+        param.data = param.data.new_empty(0)
+    return linears
 
 
 class RMSNorm(nn.Module):
@@ -66,6 +82,11 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.hd = local.n_heads, local.n_kv_heads, cfg.head_dim
         self.qkv = _param((self.n_heads + 2 * self.n_kv) * self.hd, cfg.hidden_size, dtype=dtype)
         self.o = _param(cfg.hidden_size, self.n_heads * self.hd, dtype=dtype)
+        self.qkv_proj: Linear | None = None  # set by `Mixtral.prepare`
+        self.o_proj: Linear | None = None
+
+    def prepare(self) -> None:
+        self.qkv_proj, self.o_proj = _prepared(self.qkv), _prepared(self.o)
 
     def forward(
         self,
@@ -74,14 +95,15 @@ class Attention(nn.Module):
         kv_cache: torch.Tensor,  # [2, S, KVH, hd]
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        assert self.qkv_proj is not None and self.o_proj is not None, "call Mixtral.prepare() after loading"
         t = x.shape[0]
-        qkv = x @ self.qkv.t()  # [T, (H + 2 KVH) hd]
+        qkv = self.qkv_proj(x)  # [T, (H + 2 KVH) hd]
         q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
         q = apply_rotary(q.view(t, self.n_heads, self.hd), *rope)  # [T, H, hd]
         k = apply_rotary(k.view(t, self.n_kv, self.hd), *rope)  # [T, KVH, hd]
         v = v.view(t, self.n_kv, self.hd)  # [T, KVH, hd]
         attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta)  # [T, H hd]
-        return self.tp.all_reduce(attn @ self.o.t())  # [T, D] summed over ranks' heads
+        return self.tp.all_reduce(self.o_proj(attn))  # [T, D] summed over ranks' heads
 
 
 class MoE(nn.Module):
@@ -95,12 +117,17 @@ class MoE(nn.Module):
         self.gate = _param(e, d, dtype=dtype)
         self.w13 = _param(e, 2 * i, d, dtype=dtype)
         self.w2 = _param(e, d, i, dtype=dtype)
+        self.gate_up: list[Linear] = []  # per expert, set by `Mixtral.prepare`
+        self.down: list[Linear] = []
+
+    def prepare(self) -> None:
+        self.gate_up, self.down = _prepared_experts(self.w13), _prepared_experts(self.w2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the block output [T, D] and each token's chosen experts [T, k]."""
         router_logits = x @ self.gate.t()  # [T, E]
         weights, ids = select_experts(router_logits, self.top_k)  # [T, k], [T, k]
-        out = fused_moe(x, self.w13, self.w2, weights, ids)  # [T, D] partial sum over this rank's slice
+        out = fused_moe(x, self.gate_up, self.down, weights, ids)  # [T, D] partial sum over this rank's slice
         return self.tp.all_reduce(out), ids
 
 
@@ -129,6 +156,15 @@ class Mixtral(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, dtype)
+        self.lm_head_proj: Linear | None = None
+
+    def prepare(self) -> "Mixtral":
+        """Puts loaded weights into their inference layouts; the model runs only after this."""
+        for layer in self.layers:
+            layer.attn.prepare()
+            layer.moe.prepare()
+        self.lm_head_proj = _prepared(self.lm_head)
+        return self
 
     @torch.inference_mode()
     def forward(
@@ -152,7 +188,8 @@ class Mixtral(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return (hidden @ self.lm_head.t()).float()  # [N, V]
+        assert self.lm_head_proj is not None, "call Mixtral.prepare() after loading"
+        return self.lm_head_proj(hidden).float()  # [N, V]
 
     def weight_slot(self, hf_name: str) -> torch.Tensor:
         """The view of an engine parameter that holds (this rank's slice of) tensor `hf_name`."""

@@ -6,8 +6,12 @@ CPUs, and a GPU kernel plugs in here with the same signature.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+
+from engine.linear import Linear
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,8 +24,8 @@ def select_experts(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tenso
 
 def fused_moe(
     x: torch.Tensor,  # [T, D]
-    w13: torch.Tensor,  # [E, 2I, D]  gate (w1) rows, then up (w3) rows
-    w2: torch.Tensor,  # [E, D, I]
+    gate_up: Sequence[Linear],  # per expert: W13 [2I, D], gate (w1) rows then up (w3) rows
+    down: Sequence[Linear],  # per expert: W2 [D, I]
     topk_weights: torch.Tensor,  # [T, k] fp32
     topk_ids: torch.Tensor,  # [T, k]
 ) -> torch.Tensor:
@@ -32,12 +36,12 @@ def fused_moe(
     of tokens, with no per-token weight gathers and no loop over tokens.
     """
     num_tokens, top_k = topk_ids.shape
-    inter = w2.shape[2]
+    inter = gate_up[0].out_features // 2
     # NOTE: the weighted sum over a token's k outputs is a reshape, not an index_add_: it is
     # deterministic, and index_add_ (scatter_add) is slow on CPU for these shapes.
     flat_ids = topk_ids.reshape(-1)  # [T*k]
     order = torch.argsort(flat_ids, stable=True)  # [T*k]
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat_ids, minlength=len(gate_up)).tolist()
     token_of = order // top_k  # [T*k] source token of each sorted slot
     xs = x.index_select(0, token_of)  # [T*k, D]
     out = torch.empty_like(xs)  # [T*k, D]
@@ -46,9 +50,9 @@ def fused_moe(
         if count == 0:
             continue
         end = start + count
-        h = xs[start:end] @ w13[expert].t()  # [n, 2I]
+        h = gate_up[expert](xs[start:end])  # [n, 2I]
         act = F.silu(h[:, :inter]) * h[:, inter:]  # [n, I]
-        out[start:end] = act @ w2[expert].t()  # [n, D]
+        out[start:end] = down[expert](act)  # [n, D]
         start = end
     unsorted = torch.empty_like(out)  # [T*k, D] back in (token, choice) order
     unsorted[order] = out

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks import engine_bench
+from benchmarks import engine_bench, serve_bench
 from engine.checkpoint import DTYPES, PRESETS, default_model_dir, write_checkpoint
 
 if TYPE_CHECKING:  # heavy imports stay out of `--help`
@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("engine", help="decode tokens/s and TTFT of the engine next to its peers")
     engine_bench.add_arguments(p)
     p.set_defaults(func=engine_bench.main)
+    p = bench.add_parser("serve", help="load-test an OpenAI-compatible server: latency, tokens/s, goodput")
+    serve_bench.add_arguments(p)
+    p.set_defaults(func=serve_bench.main)
     return parser
 
 

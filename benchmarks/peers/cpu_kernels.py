@@ -29,6 +29,7 @@ import fnmatch
 import gc
 import json
 import os
+from functools import partial
 import statistics
 import sys
 import time
@@ -54,21 +55,67 @@ FP8 = torch.float8_e4m3fn
 # --------------------------------------------------------------------------- #
 # timing helpers
 # --------------------------------------------------------------------------- #
-def bench(fn: Callable[[], object], ncalls_per_fn: int, min_time: float, min_reps: int = 3,
-          max_reps: int = 1000) -> float:
-    """Median seconds per single kernel call; fn performs ncalls_per_fn calls."""
-    fn()  # warm-up (touches all copies once)
-    times = []
-    t_start = time.perf_counter()
+def procs_running() -> int:
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("procs_running"):
+                return int(line.split()[1])
+    return 0
+
+
+QUIET = {"max_wait": 0.0, "last_busy": 0}
+
+
+def wait_quiet(max_wait: float) -> int:
+    """The machine may be shared: wait (up to max_wait s) until no other thread is runnable.
+
+    Returns the number of other runnable threads seen at the end (0 = quiet)."""
+    t_end = time.perf_counter() + max_wait
+    quiet_polls = 0
     while True:
+        busy = max(0, procs_running() - 1)
+        quiet_polls = quiet_polls + 1 if busy == 0 else 0
+        if quiet_polls >= 3 or time.perf_counter() >= t_end:
+            QUIET["last_busy"] = busy
+            return busy
+        time.sleep(0.1)
+
+
+def bench(calls: list[Callable[[], object]], div: int, min_time: float, min_reps: int = 5,
+          max_reps: int = 200000) -> tuple[float, float]:
+    """(min, median) seconds per kernel call.
+
+    `calls` are used round-robin (one per weight copy, so each timed call streams a weight that is not in
+    cache); each sample times ONE callable and divides by `div` (the number of kernel calls it makes).
+    Short samples + the minimum make the figure robust on a shared machine; the median shows the noise."""
+    wait_quiet(QUIET["max_wait"])
+    for c in calls:  # warm-up, touches every copy once
+        c()
+    times = []
+    n = len(calls)
+    t_start = time.perf_counter()
+    i = 0
+    while True:
+        c = calls[i % n]
         t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) / ncalls_per_fn)
+        c()
+        times.append((time.perf_counter() - t0) / div)
+        i += 1
         if len(times) >= max_reps:
             break
-        if len(times) >= min_reps and time.perf_counter() - t_start >= min_time:
+        if len(times) >= max(min_reps, min(n, 2 * n)) and time.perf_counter() - t_start >= min_time:
             break
-    return statistics.median(times)
+    return min(times), statistics.median(times)
+
+
+def read_probe(mb: int = 1024) -> float:
+    """GB/s of a read-only fp32 reduction over mb MiB (machine-noise indicator)."""
+    a = torch.ones(mb * 2**20 // 4)
+    a.sum()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a.sum()
+    return 5 * a.numel() * 4 / (time.perf_counter() - t0) / 1e9
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -83,12 +130,14 @@ class Row:
     M: int
     wdtype: str
     method: str
-    ms: float | None
-    gbs: float | None
+    ms: float | None  # minimum over repetitions
+    gbs: float | None  # weight bytes / minimum time
     err: float | None
     copies: int = 0
     note: str = ""
     compile_s: float | None = None
+    ms_med: float | None = None  # median over repetitions
+    busy: int | None = None  # other runnable threads seen just before timing (0 = quiet machine)
 
     def as_dict(self):
         return self.__dict__.copy()
@@ -198,7 +247,7 @@ def build_methods() -> list[Method]:
                              note=f"torch.compile(F.linear) mode={mode}"))
     for lab, dt in (("bf16", BF16), ("fp16", FP16), ("fp32", FP32)):
         ms.append(Method(f"compile_gemv_mulsum_{lab}", lab, dt, lambda w, M, dt=dt: (w.to(dt, copy=True),),
-                         _gemv_mulsum, lambda st: _nb(*st), compile_mode="default", m_max=16,
+                         _gemv_mulsum, lambda st: _nb(*st), compile_mode="default", m_max=2,
                          note="torch.compile((x[:,None,:].float()*W.float()).sum(-1)) fused reduction"))
     # int8 weight-only
     for lab, dt in (("bf16", BF16), ("fp32", FP32)):
@@ -207,7 +256,7 @@ def build_methods() -> list[Method]:
                          lambda x, q, s: torch._weight_int8pack_mm(x, q, s), lambda st: _nb(*st),
                          note="aten._weight_int8pack_mm(x, W_int8 [N,K], rowscale)"))
     ms.append(Method("int8_compile_gemv_xbf16", "int8", BF16, lambda w, M: q_int8_rowwise(w),
-                     _gemv_deq, lambda st: _nb(*st), compile_mode="default", m_max=16,
+                     _gemv_deq, lambda st: _nb(*st), compile_mode="default", m_max=2,
                      note="torch.compile fused dequant (mul-sum) GEMV"))
     ms.append(Method("int8_deq_linear_xbf16", "int8", BF16, lambda w, M: q_int8_rowwise(w),
                      _deq_linear, lambda st: _nb(*st), note="F.linear(x, W8.to(bf16)) * s (eager)"))
@@ -228,7 +277,7 @@ def build_methods() -> list[Method]:
     ms.append(Method("fp8_deq_linear_xbf16", "fp8", BF16, lambda w, M: q_fp8_rowwise(w),
                      _deq_linear, lambda st: _nb(*st), note="F.linear(x, W8.to(bf16)) * s (eager)"))
     ms.append(Method("fp8_compile_gemv_xbf16", "fp8", BF16, lambda w, M: q_fp8_rowwise(w),
-                     _gemv_deq, lambda st: _nb(*st), compile_mode="default", m_max=16,
+                     _gemv_deq, lambda st: _nb(*st), compile_mode="default", m_max=2,
                      note="torch.compile fused dequant (mul-sum) GEMV"))
     ms.append(Method("fp8_compile_deq_linear_xbf16", "fp8", BF16, lambda w, M: q_fp8_rowwise(w),
                      _deq_linear, lambda st: _nb(*st), compile_mode="default",
@@ -239,7 +288,8 @@ def build_methods() -> list[Method]:
     ms.append(Method("fp8_scaled_mm", "fp8", BF16,
                      lambda w, M: (lambda q, s: (q.t(), torch.tensor(1.0), torch.tensor(1.0)))(*q_fp8_rowwise(w)),
                      lambda x, wt, sa, sb: torch._scaled_mm(x.to(FP8), wt, scale_a=sa, scale_b=sb, out_dtype=BF16),
-                     lambda st: _nb(st[0]), max_copies=2, note="torch._scaled_mm (scales ignored for timing)"))
+                     lambda st: _nb(st[0]), max_copies=2, m_max=2,
+                     note="torch._scaled_mm (scales ignored for timing)"))
     return ms
 
 
@@ -288,12 +338,11 @@ def run_linear_group(args, methods: list[Method], out: list[Row]):
                         gc.collect()
                         st0 = meth.prepare(master, M)
                         nb = meth.nbytes(st0)
+                        if meth.name.startswith("qdyn"):  # opaque packed params: int8 [N,K] + fp32 scales
+                            nb = N * K + 4 * N
                         if nb <= 0:
                             raise RuntimeError("could not size weight")
                         ncopy = max(1, min(meth.max_copies, 4096, -(-args.pool_mb * 2**20 // nb)))
-                        if meth.name.startswith("qdyn"):
-                            ncopy = max(1, min(meth.max_copies, -(-args.pool_mb * 2**20 // (N * K))))
-                            nb = N * K + 4 * N
                         states = [st0] + [meth.prepare(master, M) for _ in range(ncopy - 1)]
                     x = xs[M].to(meth.xdtype)
                     if meth.compile_mode is None:
@@ -301,6 +350,7 @@ def run_linear_group(args, methods: list[Method], out: list[Row]):
 
                         def fn(states=states, x=x, run=run):
                             return [run(x, *st) for st in states]
+                        calls, div = [partial(run, x, *st) for st in states], 1
                         compile_s = None
                     elif "freeze" in meth.compile_mode:
                         torch._dynamo.reset()
@@ -312,6 +362,7 @@ def run_linear_group(args, methods: list[Method], out: list[Row]):
 
                         def fn(cf=cf, x=x):
                             return cf(x)
+                        calls, div = [fn], len(states)
                     else:
                         torch._dynamo.reset()
                         cf = compile_fn(meth.run, meth.compile_mode)
@@ -321,10 +372,12 @@ def run_linear_group(args, methods: list[Method], out: list[Row]):
 
                         def fn(states=states, x=x, cf=cf):
                             return [cf(x, *st) for st in states]
+                        calls, div = [partial(cf, x, *st) for st in states], 1
                     y0 = fn()[0]
                     err = rel_err(y0, refs[M])
-                    sec = bench(fn, len(states), args.min_time)
+                    sec, med = bench(calls, div, args.min_time)
                     row.ms, row.gbs, row.err, row.copies = sec * 1e3, nb / sec / 1e9, err, len(states)
+                    row.ms_med, row.busy = med * 1e3, QUIET["last_busy"]
                     row.compile_s = compile_s
                     row.note = meth.note
                 except Exception as e:  # record failures, keep going
@@ -396,6 +449,7 @@ def run_mlp_group(args, out: list[Row]):
                     if mode is None:
                         def fn(states=states, x=x, fn_=fn_):
                             return [fn_(x, *st) for st in states]
+                        calls, div = [partial(fn_, x, *st) for st in states], 1
                     elif "freeze" in mode:
                         torch._dynamo.reset()
                         cf = compile_fn(MultiLinear(fn_, states).eval(), mode)
@@ -403,6 +457,7 @@ def run_mlp_group(args, out: list[Row]):
 
                         def fn(cf=cf, x=x):
                             return cf(x)
+                        calls, div = [fn], len(states)
                     else:
                         torch._dynamo.reset()
                         cf = compile_fn(fn_, mode)
@@ -410,9 +465,11 @@ def run_mlp_group(args, out: list[Row]):
 
                         def fn(states=states, x=x, cf=cf):
                             return [cf(x, *st) for st in states]
+                        calls, div = [partial(cf, x, *st) for st in states], 1
                     err = rel_err(fn()[0], ref)
-                    sec = bench(fn, len(states), args.min_time)
+                    sec, med = bench(calls, div, args.min_time)
                     row.ms, row.gbs, row.err, row.copies, row.compile_s = sec * 1e3, nb / sec / 1e9, err, len(states), compile_s
+                    row.ms_med, row.busy = med * 1e3, QUIET["last_busy"]
                 except Exception as e:
                     row.note = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
                 out.append(row)
@@ -497,8 +554,10 @@ def run_moe_group(args, out: list[Row]):
                 def fn(states=states, x=x, fn_=fn_):
                     return [fn_(x, r[0], r[1], *st) for r, st in zip(routes, states)]
                 err = rel_err(fn()[0], ref)
-                sec = bench(fn, len(states), args.min_time)
+                calls = [partial(fn_, x, r[0], r[1], *st) for r, st in zip(routes, states)]
+                sec, med = bench(calls, 1, args.min_time)
                 row.ms, row.gbs, row.err, row.copies = sec * 1e3, nread / sec / 1e9, err, ncopy
+                row.ms_med, row.busy = med * 1e3, QUIET["last_busy"]
                 row.note = "GB/s counts the 2 active experts' weights"
             except Exception as e:
                 row.note = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
@@ -550,13 +609,14 @@ def run_overhead_group(args, out: list[Row]):
         ("torch.compile'd small linear+silu call", lambda: cmlp(a, b)),
     ]
     for name, fn in cases:
-        reps = 2000
+        reps = 200
 
         def loop(fn=fn):
             for _ in range(reps):
                 fn()
-        sec = bench(loop, reps, args.min_time)
-        row = Row("overhead", "-", 1, "-", name, sec * 1e3, None, None, note=f"{sec*1e6:.2f} us/call")
+        sec, med = bench([loop], reps, args.min_time)
+        row = Row("overhead", "-", 1, "-", name, sec * 1e3, None, None, note=f"{sec*1e6:.2f} us/call",
+                  ms_med=med * 1e3, busy=QUIET["last_busy"])
         out.append(row)
         print_row(row, flush=True)
 
@@ -564,15 +624,16 @@ def run_overhead_group(args, out: list[Row]):
 # --------------------------------------------------------------------------- #
 # output
 # --------------------------------------------------------------------------- #
-HEADER = "| group | shape | M | wdtype | method | ms | GB/s | rel_err | copies | compile_s | note |"
+HEADER = "| group | shape | M | wdtype | method | ms(min) | GB/s | ms(med) | rel_err | copies | compile_s | busy | note |"
 
 
 def fmt_row(r: Row) -> str:
     f = lambda v, p: "-" if v is None else f"{v:.{p}f}"
     err = "-" if r.err is None else f"{r.err:.1e}"
     ms = "-" if r.ms is None else (f"{r.ms:.4f}" if r.ms < 0.1 else f"{r.ms:.3f}")
-    return (f"| {r.group} | {r.shape} | {r.M} | {r.wdtype} | {r.method} | {ms} | {f(r.gbs, 1)} | {err} | "
-            f"{r.copies or '-'} | {f(r.compile_s, 1)} | {r.note} |")
+    med = "-" if r.ms_med is None else (f"{r.ms_med:.4f}" if r.ms_med < 0.1 else f"{r.ms_med:.3f}")
+    return (f"| {r.group} | {r.shape} | {r.M} | {r.wdtype} | {r.method} | {ms} | {f(r.gbs, 1)} | {med} | {err} | "
+            f"{r.copies or '-'} | {f(r.compile_s, 1)} | {'-' if r.busy is None else r.busy} | {r.note} |")
 
 
 _printed_header = False
@@ -617,6 +678,8 @@ def main(argv=None):
     ap.add_argument("--compile-copies", type=int, default=16,
                     help="max weight copies frozen into one compiled graph (freezing modes)")
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per configuration")
+    ap.add_argument("--quiet-wait", type=float, default=20.0,
+                    help="shared machine: before each timing wait up to this many s for no other runnable thread")
     ap.add_argument("--json", help="append rows as JSON lines to this file")
     ap.add_argument("--markdown", help="write the table + summary to this markdown file")
     ap.add_argument("--list", action="store_true", help="list linear methods and exit")
@@ -629,12 +692,14 @@ def main(argv=None):
         for m in build_methods():
             print(f"{m.name:42s} {m.note}")
         return
+    QUIET["max_wait"] = args.quiet_wait
     torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = 1024
     torch._dynamo.config.accumulated_cache_size_limit = 4096
     print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"cpu capability {torch.backends.cpu.get_cpu_capability()}, pool {args.pool_mb} MiB", flush=True)
     rows: list[Row] = []
+    print(f"# DRAM read probe (fp32 sum over 1 GiB) before: {read_probe():.1f} GB/s", flush=True)
     with torch.no_grad():
         if "overhead" in args.groups:
             run_overhead_group(args, rows)
@@ -644,6 +709,7 @@ def main(argv=None):
             run_moe_group(args, rows)
         if "mlp" in args.groups:
             run_mlp_group(args, rows)
+    print(f"# DRAM read probe after: {read_probe():.1f} GB/s", flush=True)
     summ = summarize(rows)
     print("\n## Best per shape/M/dtype\n" + summ)
     if args.json:
@@ -653,7 +719,7 @@ def main(argv=None):
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(f"torch {torch.__version__}, threads {args.threads}, pool {args.pool_mb} MiB\n\n")
-            f.write(HEADER + "\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+            f.write(HEADER + "\n" + "|---" * (HEADER.count("|") - 1) + "|\n")
             f.write("\n".join(fmt_row(r) for r in rows) + "\n\n## Best\n\n" + summ + "\n")
 
 

@@ -1,0 +1,230 @@
+"""`mixtral-serve bench serve`: load-test any OpenAI-compatible server (ours, vLLM, a hosted API).
+
+    mixtral-serve bench serve --base-url http://127.0.0.1:8000/v1 --concurrency 8 --num-requests 64
+    mixtral-serve bench serve --tier latency --tier throughput --sweep concurrency=1,2,4,8 \\
+        --slo ttft_ms=500 --slo tpot_ms=50 --out runs/sweep/result.json
+
+Streams `/completions` (or `/chat/completions` with `--endpoint chat`) under a closed loop of
+`--concurrency` users or open-loop Poisson arrivals at `--request-rate`, and reports TTFT, TPOT,
+ITL, E2E, tokens/s (all sessions and per session) and goodput under SLOs; a `--sweep` finds
+the highest load each tier serves within its SLOs. Definitions: benchmarks/serve_report.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Literal, cast
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from benchmarks.serve_report import SLO_KEYS, BenchResult, LoadLevel, RunResult, pick_best, print_report, write_outputs
+
+DEFAULT_NUM_REQUESTS = 64
+SweepKind = Literal["concurrency", "request_rate"]
+
+
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = "http://127.0.0.1:8000/v1"  # the OpenAI base URL, ending in /v1
+    tiers: list[str] = []  # mixtral-serve tiers: each runs against {host}/{tier}/v1
+    endpoint: Literal["completions", "chat"] = "completions"
+    model: str | None = None  # None: the first model GET {base_url}/models lists
+    api_key: str | None = None
+    concurrency: int | None = Field(None, ge=1)  # closed loop; with request_rate, a cap on requests in flight
+    request_rate: float | None = Field(None, gt=0)  # open loop (Poisson), may be inf
+    num_requests: int | None = Field(None, ge=1)  # None: 64, or no limit when `duration_s` is set
+    duration_s: float | None = Field(None, gt=0)  # no new requests after this
+    warmup: int = Field(1, ge=0)
+    seed: int = Field(0, ge=0)
+    input_len: int | Literal["max"] = 128  # "max": fill the context (server's max_model_len)
+    input_len_range: tuple[int, int] | None = None
+    output_len: int = Field(128, ge=1)
+    output_len_range: tuple[int, int] | None = None
+    dataset: Path | None = None  # JSONL {"prompt", "max_tokens"}
+    max_model_len: int | None = Field(None, ge=2)
+    ignore_eos: bool = True
+    temperature: float = Field(0.0, ge=0)
+    timeout_s: float = Field(300.0, gt=0)  # per request, whole stream
+    slo: dict[str, float] = {}
+    slo_attainment: float = Field(0.9, gt=0, le=1)  # share of requests that must meet the SLOs
+    sweep: tuple[SweepKind, list[float]] | None = None
+    out: Path | None = None
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> BenchConfig:
+        if unknown := set(self.slo) - set(SLO_KEYS):
+            raise ValueError(f"unknown SLO {sorted(unknown)}; known: {', '.join(SLO_KEYS)}")
+        for name in ("input_len_range", "output_len_range"):
+            lo_hi = getattr(self, name)
+            if lo_hi is not None and not 1 <= lo_hi[0] <= lo_hi[1]:
+                raise ValueError(f"{name} must be a:b with 1 <= a <= b, got {lo_hi}")
+        if isinstance(self.input_len, int) and self.input_len < 1:
+            raise ValueError("input_len must be >= 1 or 'max'")
+        if self.sweep is not None:
+            kind, values = self.sweep
+            if not values or min(values) <= 0 or (kind == "concurrency" and any(v != int(v) for v in values)):
+                raise ValueError(f"sweep {kind} needs positive values{' (integers)' if kind == 'concurrency' else ''}")
+            if kind == "concurrency" and self.request_rate is not None:
+                raise ValueError("a concurrency sweep runs closed loops: drop --request-rate")
+            self.sweep = (kind, sorted(values))
+        if self.request_rate == float("inf") and self.num_requests is None:
+            raise ValueError("an infinite request rate sends everything at once: give --num-requests")
+        if self.num_requests is None and self.duration_s is None:
+            self.num_requests = DEFAULT_NUM_REQUESTS
+        return self
+
+    def levels(self) -> list[LoadLevel]:
+        if self.sweep is not None:
+            kind, values = self.sweep
+            cap = self.concurrency if kind == "request_rate" else None
+            return [LoadLevel(kind=kind, value=v, max_concurrency=cap) for v in values]
+        if self.request_rate is not None:
+            return [LoadLevel(kind="request_rate", value=self.request_rate, max_concurrency=self.concurrency)]
+        return [LoadLevel(kind="concurrency", value=self.concurrency or 1)]
+
+
+def tier_url(base_url: str, tier: str | None) -> str:
+    """`--tier T` on our server: {host}/T/v1 (a trailing /v1 of --base-url is dropped first)."""
+    base = base_url.rstrip("/")
+    return base if tier is None else f"{base.removesuffix('/v1')}/{tier}/v1"
+
+
+async def run_benchmark(config: BenchConfig) -> BenchResult:
+    """Every tier (or the base URL) at every load level; writes `config.out` when set."""
+    # NOTE: imported here so the rest of the command line works without the `openai` package.
+    import openai
+
+    from benchmarks.serve_load import Sender, Workload, list_model, run_load
+    from benchmarks.serve_report import summarize
+
+    runs: list[RunResult] = []
+    tiers: list[str | None] = [*config.tiers] or [None]
+    for tier in tiers:
+        url = tier_url(config.base_url, tier)
+        async with openai.AsyncOpenAI(base_url=url, api_key=config.api_key or "EMPTY", max_retries=0,
+                                      timeout=config.timeout_s) as client:
+            model, max_len = config.model, config.max_model_len
+            if model is None or (config.input_len == "max" and max_len is None):
+                try:
+                    listed, listed_len = await list_model(client)
+                except openai.OpenAIError as err:
+                    raise ValueError(f"cannot list the models at {url}/models ({err}); pass --model") from None
+                model, max_len = model or listed, max_len or listed_len
+            workload = Workload(
+                input_len=_input_len(config, max_len), output_len=config.output_len,
+                input_len_range=config.input_len_range, output_len_range=config.output_len_range,
+                dataset=config.dataset, seed=config.seed,
+            )
+            send = Sender(client, model, config.endpoint, config.ignore_eos, config.temperature, config.timeout_s)
+            for level in config.levels():
+                name = f"{tier + ' ' if tier else ''}{level.label}"
+                load = await run_load(send, workload, level, num_requests=config.num_requests,
+                                      duration_s=config.duration_s, warmup=config.warmup, seed=config.seed,
+                                      progress=name if config.progress else None)
+                runs.append(summarize(load.records, tier=tier, base_url=url, model=model, load=level,
+                                      duration_s=load.duration_s, warmup_failed=load.warmup_failed,
+                                      slo=config.slo, slo_attainment=config.slo_attainment))
+    result = BenchResult(config=config.model_dump(mode="json", exclude={"api_key"}), runs=runs,
+                         best=pick_best(runs) if config.sweep else [])
+    if config.out is not None:
+        write_outputs(result, config.out)
+    return result
+
+
+def _input_len(config: BenchConfig, max_model_len: int | None) -> int:
+    if config.input_len != "max":
+        return config.input_len
+    if max_model_len is None:
+        raise ValueError("--input-len max needs the context length: the server's model card has none, "
+                         "pass --max-model-len")
+    longest_output = config.output_len_range[1] if config.output_len_range else config.output_len
+    # Headroom for chat templates and words a foreign tokenizer splits in two.
+    length = max_model_len - longest_output - 16 - max_model_len // 100
+    if length < 1:
+        raise ValueError(f"no room for a prompt: max_model_len {max_model_len}, output {longest_output} tokens")
+    return length
+
+
+# ---- command line ----------------------------------------------------------------------------
+def _pair(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected a:b, got {text!r}")
+    return int(lo), int(hi)
+
+
+def _slo(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition("=")
+    if not sep or key not in SLO_KEYS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(k + '=MS' for k in SLO_KEYS)}, got {text!r}")
+    return key, float(value)
+
+
+def _sweep(text: str) -> tuple[SweepKind, list[float]]:
+    key, sep, values = text.partition("=")
+    kind = key.replace("-", "_")
+    if not sep or kind not in ("concurrency", "request_rate"):
+        raise argparse.ArgumentTypeError(f"expected concurrency=1,2,4 or request-rate=1,2,4, got {text!r}")
+    return cast(SweepKind, kind), [float(v) for v in values.split(",") if v]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="OpenAI base URL (ending in /v1)")
+    p.add_argument("--tier", action="append", default=[],
+                   help="mixtral-serve tier(s) on the --base-url host (repeat or comma-separate; each runs)")
+    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    p.add_argument("--model", help="model id (default: the first one GET {base_url}/models lists)")
+    p.add_argument("--api-key", help="sent as a Bearer token")
+    load = p.add_argument_group("load")
+    load.add_argument("--concurrency", type=int, help="closed loop of N users (default 1); with --request-rate "
+                                                      "a cap on requests in flight")
+    load.add_argument("--request-rate", type=float, help="open loop: Poisson arrivals per second (inf: all at once)")
+    load.add_argument("--num-requests", type=int, help=f"default {DEFAULT_NUM_REQUESTS}, unlimited with --duration")
+    load.add_argument("--duration", type=float, help="seconds: no new requests after that")
+    load.add_argument("--warmup", type=int, default=1, help="unmeasured requests first")
+    load.add_argument("--seed", type=int, default=0, help="prompts, lengths and arrival times")
+    load.add_argument("--sweep", type=_sweep, help="concurrency=1,2,4,8 or request-rate=1,2,4: one run per level")
+    work = p.add_argument_group("workload")
+    work.add_argument("--input-len", default="128", help="prompt tokens (approximate), or 'max' to fill the context")
+    work.add_argument("--input-len-range", type=_pair, metavar="A:B", help="uniform random prompt lengths")
+    work.add_argument("--output-len", type=int, default=128)
+    work.add_argument("--output-len-range", type=_pair, metavar="A:B")
+    work.add_argument("--dataset", type=Path, help='JSONL rows {"prompt": ..., "max_tokens": ...}')
+    work.add_argument("--max-model-len", type=int, help="context length for --input-len max (default: the "
+                                                         "server's model card)")
+    work.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                      help="ask for exact output lengths (vLLM/mixtral-serve extension)")
+    work.add_argument("--temperature", type=float, default=0.0)
+    work.add_argument("--timeout", type=float, default=300.0, help="seconds per request, whole stream")
+    rep = p.add_argument_group("report")
+    rep.add_argument("--slo", type=_slo, action="append", default=[], metavar="KEY=MS",
+                     help=f"latency objective, one of {', '.join(SLO_KEYS)} (repeatable)")
+    rep.add_argument("--slo-attainment", type=float, default=0.9,
+                     help="share of requests that must meet the SLOs for a load level to pass")
+    rep.add_argument("--out", type=Path, help="result JSON path (or folder); PNG plots are written beside it")
+    rep.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
+        base_url=args.base_url, tiers=[t for arg in args.tier for t in arg.split(",") if t],
+        endpoint=args.endpoint, model=args.model, api_key=args.api_key,
+        concurrency=args.concurrency, request_rate=args.request_rate, num_requests=args.num_requests,
+        duration_s=args.duration, warmup=args.warmup, seed=args.seed,
+        input_len="max" if args.input_len == "max" else int(args.input_len), input_len_range=args.input_len_range,
+        output_len=args.output_len, output_len_range=args.output_len_range, dataset=args.dataset,
+        max_model_len=args.max_model_len, ignore_eos=args.ignore_eos, temperature=args.temperature,
+        timeout_s=args.timeout, slo=dict(args.slo), slo_attainment=args.slo_attainment, sweep=args.sweep,
+        out=args.out, progress=not args.no_progress,
+    )
+
+
+def main(args: argparse.Namespace) -> None:
+    result = asyncio.run(run_benchmark(config_from_args(args)))
+    print_report(result)
+    if args.out is not None:
+        print(f"results in {args.out}")
