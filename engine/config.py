@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engine.linear import onednn_bf16_available
 from engine.tokenizer import ChatTemplate
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
@@ -64,14 +65,14 @@ class EngineConfig(BaseModel):
         return self
 
     def torch_dtype(self, checkpoint_dtype: str | None) -> torch.dtype:
-        """`auto`: float32 on CPU, else the checkpoint's dtype.
+        """`auto`: the checkpoint's dtype on GPUs; bf16 on CPUs with oneDNN bf16 kernels, else fp32.
 
-        NOTE: on CPUs without AMX, PyTorch's bf16 matrix-vector products run several times
-        below memory bandwidth while fp32 runs near it, so fp32 decodes faster there even
-        though it reads twice the bytes.
+        NOTE: on CPU, plain PyTorch bf16 matrix-vector products run several times below memory
+        bandwidth, so bf16 pays only with oneDNN-reordered weights (engine/linear.py); without
+        those kernels fp32 decodes faster even though it reads twice the bytes.
         """
         if self.dtype != "auto":
             return _DTYPES[self.dtype]
         if self.device == "cpu":
-            return torch.float32
+            return torch.bfloat16 if onednn_bf16_available() else torch.float32
         return _DTYPES.get(checkpoint_dtype or "bfloat16", torch.bfloat16)

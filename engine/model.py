@@ -47,9 +47,9 @@ class RMSNorm(nn.Module):
         self.weight = _param(dim, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # [T, D]
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # [T, D]
-        return self.weight * xf.to(x.dtype)
+        # Normalise in fp32, scale in the model dtype (as the reference does); one fused op.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # [T, D]
+        return self.weight * normed.to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -97,11 +97,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         assert self.qkv_proj is not None and self.o_proj is not None, "call Mixtral.prepare() after loading"
         t = x.shape[0]
-        qkv = self.qkv_proj(x)  # [T, (H + 2 KVH) hd]
-        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
-        q = apply_rotary(q.view(t, self.n_heads, self.hd), *rope)  # [T, H, hd]
-        k = apply_rotary(k.view(t, self.n_kv, self.hd), *rope)  # [T, KVH, hd]
-        v = v.view(t, self.n_kv, self.hd)  # [T, KVH, hd]
+        qkv = self.qkv_proj(x).view(t, self.n_heads + 2 * self.n_kv, self.hd)  # [T, H + 2 KVH, hd]
+        # q and k heads rotate together: one rotary application per layer.
+        qk = apply_rotary(qkv[:, : self.n_heads + self.n_kv], *rope)  # [T, H + KVH, hd]
+        q, k = qk.split([self.n_heads, self.n_kv], dim=1)  # [T, H, hd], [T, KVH, hd]
+        v = qkv[:, self.n_heads + self.n_kv :]  # [T, KVH, hd]
         attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta)  # [T, H hd]
         return self.tp.all_reduce(self.o_proj(attn))  # [T, D] summed over ranks' heads
 
@@ -173,18 +173,18 @@ class Mixtral(nn.Module):
         positions: torch.Tensor,  # [T]
         kv_caches: torch.Tensor,  # [L, 2, S, KVH, hd]
         meta: AttentionMetadata,
-        expert_counts: torch.Tensor | None = None,  # [L, E] accumulated when given
-    ) -> torch.Tensor:
-        """Final hidden states [T, D] (normalised); `logits` projects the rows that sample."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states [T, D] (normalised; `logits` projects the rows that sample) and
+        each layer's expert choices [L, T, k]."""
         h = F.embedding(input_ids, self.embed)  # [T, D]
         rope = self.rotary.tables(positions)
+        routed: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             h = h + layer.attn(layer.attn_norm(h), rope, kv_caches[i], meta)  # [T, D]
             moe_out, ids = layer.moe(layer.ffn_norm(h))  # [T, D], [T, k]
             h = h + moe_out  # [T, D]
-            if expert_counts is not None:
-                expert_counts[i] += torch.bincount(ids.flatten(), minlength=expert_counts.shape[1])
-        return self.norm(h)
+            routed.append(ids)
+        return self.norm(h), torch.stack(routed)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

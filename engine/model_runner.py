@@ -132,9 +132,11 @@ class ModelRunner:
 
     def _forward(self, items: list[StepItem]) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids, positions, meta = self._build(items)
-        counts = torch.zeros(self.cfg.num_hidden_layers, self.cfg.num_local_experts, dtype=torch.long)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, counts)  # [T, D]
-        return hidden, counts
+        hidden, routed = self.model(input_ids, positions, self.kv_caches, meta)  # [T, D], [L, T, k]
+        n_layers, n_experts = self.cfg.num_hidden_layers, self.cfg.num_local_experts
+        offsets = torch.arange(n_layers, device=self.device).view(-1, 1, 1) * n_experts  # [L, 1, 1]
+        counts = torch.bincount((routed + offsets).flatten(), minlength=n_layers * n_experts)  # [L * E]
+        return hidden, counts.view(n_layers, n_experts).cpu()
 
     def execute(self, batch: list[ScheduledSeq]) -> StepOutput:
         """Runs one step on every rank; reorders `batch` in place (decodes first)."""
