@@ -1,0 +1,40 @@
+"""Cluster manifests: validated against the schemas Ray ships and against our own config models."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import jsonschema
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from deployments.config import AppConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cluster_launcher_yaml_matches_rays_schema() -> None:
+    schema = json.loads((Path(str(resources.files("ray"))) / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
+    jsonschema.validate(config, schema)
+    starts = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    assert starts.count("--metrics-export-port=8080") == 2  # outside Ray's worker port range
+    assert any("pip install -e ~/mixtral-serve" in c for c in config["setup_commands"])
+
+
+def test_rayservice_serve_config_is_the_8x7b_config_and_valid(tiny_checkpoint: Path) -> None:
+    service = yaml.safe_load((ROOT / "cluster" / "rayservice.yaml").read_text())
+    assert service["kind"] == "RayService"
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    shipped = yaml.safe_load((ROOT / "configs" / "mixtral-8x7b-instruct.yaml").read_text())
+    assert embedded == shipped, "serveConfigV2 drifted from configs/mixtral-8x7b-instruct.yaml"
+    ServeDeploySchema.model_validate(embedded)
+    for app in embedded["applications"]:
+        # The weights live on the cluster; everything else is checked here against a local folder.
+        AppConfig.model_validate(app["args"] | {"model": str(tiny_checkpoint)})
+    workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    gpus = int(workers[0]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    tiers = embedded["applications"][0]["args"]["tiers"]
+    assert all(t["deployment"]["num_gpus"] <= gpus for t in tiers.values())  # every tier fits a node
