@@ -52,10 +52,14 @@ def shipped_tokenizer(vocab_size: int) -> Path:
 def random_weights(cfg: ModelConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Hugging Face-named random weights.
 
-    NOTE: scales are chosen so logits spread over several units: greedy decoding then has
-    clear winners and comparisons against the reference are not decided by rounding.
+    NOTE: initialised as trained transformers are shaped, not as i.i.d. noise: output
+    projections (o_proj, w2) scaled by 1/sqrt(2 * layers) keep the residual stream stable
+    (GPT-2's scheme), so the random model is not chaotic and small numeric changes (bf16,
+    fp8) move its outputs about as much as they move a real model's; the LM head is scaled so
+    logits spread over several units and greedy decoding has clear winners.
     """
     gen = torch.Generator().manual_seed(seed)
+    residual_scale = 1.0 / math.sqrt(2 * cfg.num_hidden_layers)
     weights: dict[str, torch.Tensor] = {}
     for name, shape in hf_tensor_shapes(cfg).items():
         if len(shape) == 1:  # RMSNorm weights: away from 1 so a skipped norm would show
@@ -63,9 +67,11 @@ def random_weights(cfg: ModelConfig, seed: int, dtype: torch.dtype) -> dict[str,
         elif name == "model.embed_tokens.weight":
             w = torch.randn(shape, generator=gen)
         elif name == "lm_head.weight":
-            w = torch.randn(shape, generator=gen) * (4.0 / math.sqrt(shape[1]))
+            w = torch.randn(shape, generator=gen) * (8.0 / math.sqrt(shape[1]))
         else:
             w = torch.randn(shape, generator=gen) / math.sqrt(shape[1])
+            if name.endswith(("o_proj.weight", "w2.weight")):
+                w = w * residual_scale
         weights[name] = w.to(dtype)
     return weights
 

@@ -48,6 +48,9 @@ class EngineConfig(BaseModel):
     device: str = "cpu"
     max_model_len: int | None = Field(None, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)
+    # fp8 (e4m3) weights for attention and experts; router, norms, embeddings, LM head stay.
+    quantization: Literal["fp8"] | None = None
+    fp8_per_channel: bool = True  # one scale per output row (False: one per weight matrix)
     chat_template: ChatTemplate = "mistral"
     seed: int = 0
     cache: CacheConfig = CacheConfig()

@@ -192,7 +192,9 @@ def build_runner(config: EngineConfig, tp: TPGroup, eos_id: int) -> ModelRunner:
     device = torch.device(config.device)
     dtype = config.torch_dtype(checkpoint_dtype(model_dir))
     with torch.device(device):
-        model, cfg = load_model(model_dir, dtype, config.load_progress and tp.rank == 0, tp)
+        model, cfg = load_model(
+            model_dir, dtype, config.load_progress and tp.rank == 0, tp, config.quantization, config.fp8_per_channel
+        )
         model.prepare()
     block_size = config.cache.block_size
     per_block = kv_bytes_per_block(cfg, model.local.n_kv_heads, block_size, dtype)

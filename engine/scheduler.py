@@ -62,8 +62,10 @@ class Scheduler:
         if self._step_in_flight is not None:
             start, seqs, tokens = self._step_in_flight
             self.controller.observe(now - start, seqs, tokens)
-        seqs, budget = self.controller.limits(len(self.running), cfg.max_num_seqs, cfg.max_num_batched_tokens)
-        return budget, seqs
+        max_seqs = self.controller.max_seqs(cfg.max_num_seqs)
+        # Priced as a full step; each admission below is priced again as it joins.
+        budget = self.controller.step_tokens(max(len(self.running), max_seqs), cfg.max_num_batched_tokens)
+        return budget, max_seqs
 
     def _sort_key(self, seq: Sequence) -> tuple[int, float]:
         priority = seq.priority if self.config.policy == "priority" else 0
@@ -131,6 +133,11 @@ class Scheduler:
                 break
             hits = len(self.blocks.match_prefix(seq)) * self.blocks.block_size
             num_new = min(seq.num_tokens - hits, budget)
+            if self.controller is not None:  # one more sequence in the step: its chunk must still fit
+                scheduled = sum(s.num_new_tokens for s in out)
+                num_new = min(num_new, self.controller.step_tokens(len(out) + 1, budget + scheduled) - scheduled)
+                if num_new <= 0:
+                    break
             if not self.blocks.admit(seq, num_new):
                 break
             self.waiting.popleft()

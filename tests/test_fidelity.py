@@ -11,7 +11,7 @@ from transformers import MixtralForCausalLM
 from engine import LLM, SamplingParams
 from engine.checkpoint import PRESETS
 from engine.model_config import ModelConfig
-from engine.sampling import Sampler, SamplerOutput, SamplingRow
+from tests.recording import RecordingSampler
 
 _BASE = dict(vocab_size=32000, max_position_embeddings=4096)
 SHAPES = {
@@ -30,19 +30,6 @@ def prompts(n: int = 8) -> list[list[int]]:
     gen = torch.Generator().manual_seed(7)
     lengths = [1, 3, 9, 17, 30, 45, 5, 12][:n]
     return [[1] + torch.randint(3, 32000, (k,), generator=gen).tolist() for k in lengths]
-
-
-class RecordingSampler(Sampler):
-    """Keeps every row of logits the engine samples from, keyed by (prompt, tokens so far)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.logits: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}
-
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        for i, row in enumerate(rows):
-            self.logits[(tuple(row.prompt_ids), len(row.output_ids))] = logits[i].clone()
-        return super().__call__(logits, rows)
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))

@@ -1,0 +1,102 @@
+"""The application builder: `import_path: deployments.app:build_app` in a Serve config file.
+
+Validates everything the application takes before any replica starts: the `args` schema, the
+checkpoint, each tier's parallelism against the checkpoint, and each tier's engine
+configuration (the engine layer's own validation). Errors name the offending key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray.serve import Application
+
+from deployments.config import ROUTER_DEPLOYMENT, AppConfig, TierConfig
+from deployments.replica import ModelReplica
+from deployments.router import Router, RouterSettings
+from engine.checkpoint import default_model_dir
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.model_config import ModelConfig, load_model_config
+
+
+def engine_config(model: Path | None, tier: TierConfig, chat_template: str) -> EngineConfig:
+    """The tier's engine configuration (its scheduler knobs also arrive later as user_config)."""
+    e, t = tier.engine, tier.tuning
+    return EngineConfig(
+        model=str(model) if model is not None else str(default_model_dir()),
+        dtype=e.dtype,
+        device=e.device,
+        max_model_len=e.max_model_len,
+        chat_template=chat_template,
+        seed=e.seed,
+        cache=CacheConfig(
+            block_size=e.block_size,
+            kv_cache_bytes=e.kv_cache_mb * 2**20 if e.kv_cache_mb else None,
+            kv_cache_fraction=e.kv_cache_fraction,
+            enable_prefix_caching=e.enable_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=t.max_num_seqs,
+            max_num_batched_tokens=t.max_num_batched_tokens,
+            policy=t.policy,
+            target_step_seconds=t.target_step_seconds(),
+        ),
+        load_progress=False,
+    )
+
+
+def validate(args: dict[str, Any]) -> tuple[AppConfig, ModelConfig, dict[str, EngineConfig]]:
+    """Raises ValueError (pydantic's ValidationError is one) naming the first bad key."""
+    config = AppConfig.model_validate(args)
+    # The embedded default is written here if absent, so a fresh machine serves out of the box.
+    model_dir = config.model_dir() or default_model_dir()
+    try:
+        model_config, _ = load_model_config(model_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"model: cannot read the checkpoint at {model_dir}: {err}") from err
+    engines = {}
+    config.auth.entries()  # the key file or variable is readable (the router reads it again)
+    for name, tier in config.tiers.items():
+        tier.check(name, model_config.num_attention_heads, model_config.num_key_value_heads)
+        tier.check_supported(name)
+        try:
+            engines[name] = engine_config(config.model_dir(), tier, config.chat_template)
+        except ValueError as err:
+            raise ValueError(f"tiers.{name}: {err}") from err
+    return config, model_config, engines
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    config, model_config, engines = validate(args)
+    handles = {}
+    for name, tier in config.tiers.items():
+        # `model: None` travels as None: each replica resolves the embedded default on its own node.
+        engine = engines[name].model_dump(mode="json") | {"model": config.model}
+        dep = tier.deployment
+        handles[name] = ModelReplica.options(
+            name=name,
+            autoscaling_config=tier.autoscaling.serve_config(),
+            user_config=tier.tuning.model_dump(mode="json"),
+            ray_actor_options={"num_cpus": dep.num_cpus, "num_gpus": dep.num_gpus},
+            max_ongoing_requests=dep.max_ongoing_requests,
+            health_check_period_s=dep.health_check_period_s,
+            health_check_timeout_s=dep.health_check_timeout_s,
+            graceful_shutdown_timeout_s=dep.graceful_shutdown_timeout_s,
+        ).bind(name, engine, dep.engine_stall_s, dep.graceful_shutdown_timeout_s)
+    context = model_config.max_position_embeddings
+    settings = RouterSettings(
+        served_model_name=config.served_model_name or (config.model_dir() or default_model_dir()).name,
+        default_tier=config.default_tier,
+        max_model_len={n: min(t.engine.max_model_len or context, context) for n, t in config.tiers.items()},
+        auth=config.auth,
+        admission={n: t.admission for n, t in config.tiers.items()},
+        max_body_bytes=config.router.max_body_bytes,
+    )
+    router = config.router
+    return Router.options(
+        name=ROUTER_DEPLOYMENT,
+        num_replicas=router.num_replicas,
+        ray_actor_options={"num_cpus": router.num_cpus},
+        max_ongoing_requests=router.max_ongoing_requests,
+    ).bind(handles, settings)

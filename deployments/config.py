@@ -1,0 +1,233 @@
+"""The application's configuration: the `args` of a Serve config file, validated once by the builder.
+
+Pure pydantic (no engine, no Ray): the router process imports it too.
+
+Layout of `args` (see configs/local.yaml):
+
+    model, served_model_name, chat_template, default_tier
+    auth:    API keys (deployments/auth.py)
+    router:  {num_replicas, num_cpus, max_ongoing_requests, max_body_bytes}
+    tiers:
+      <name>:
+        engine:      what a replica loads (dtype, device, context, KV cache, parallelism)
+        tuning:      scheduler knobs; sent as Serve `user_config`, so live-tunable
+        autoscaling: replica bounds and the queue-depth policy's knobs
+        deployment:  Ray resources and Serve replica options
+        admission:   the router's queue limits and time limit for the tier (deployments/backpressure.py)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from deployments.auth import AuthConfig
+from deployments.backpressure import AdmissionConfig
+
+POLICY_FUNCTION = "deployments.autoscaling:QueueDepthPolicy"
+ROUTER_DEPLOYMENT = "router"
+# Tier names become URL path segments and deployment names; these would collide.
+_RESERVED_TIERS = {"v1", "health", ROUTER_DEPLOYMENT}
+
+TierName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineSettings(_Strict):
+    """What one replica's engine loads; maps onto engine.config.EngineConfig."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["cpu", "cuda"] = "cpu"
+    max_model_len: int | None = Field(None, ge=1)
+    # KV cache: a fixed size, else a fraction of the memory left after the weights.
+    kv_cache_mb: int | None = Field(None, gt=0)
+    kv_cache_fraction: float = Field(0.25, gt=0.0, le=0.95)
+    block_size: int = Field(16, ge=1, le=1024)
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    # NOTE: accepted and checked against the checkpoint now; the engine runs them from a later
+    # issue on, until then the builder refuses values other than 1 / null.
+    tensor_parallel_size: int = Field(1, ge=1)
+    quantization: Literal["fp8"] | None = None
+
+
+class TierTuning(_Strict):
+    """Scheduler knobs of a tier. Sent to replicas as Serve `user_config`: changing them through
+    a redeployed config reaches running replicas via `reconfigure()`, without a restart."""
+
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    policy: Literal["fcfs", "priority"] = "fcfs"
+    # Fixed-latency tiers: the engine adapts its batch caps to keep the p90 step period (= the
+    # inter-token latency) under this target, less the serving margin below.
+    itl_target_ms: float | None = Field(None, gt=0)
+    # The part of the ITL target left to the path after the engine (replica -> router -> proxy
+    # -> client): the jitter it adds to streamed tokens, which the engine cannot measure.
+    itl_serving_margin_ms: float = Field(0.0, ge=0)
+    # Requests still waiting for their first token after this long count as TTFT breaches;
+    # any breach asks the autoscaler for one more replica.
+    ttft_target_ms: float | None = Field(None, gt=0)
+    # Streamed deltas are held back and sent together for up to this long (the first token is
+    # always sent at once): fewer, larger messages for throughput tiers. 0 = every step.
+    stream_flush_ms: float = Field(0.0, ge=0.0, le=1000.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TierTuning":
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}) so every running sequence can decode in one step"
+            )
+        if self.itl_target_ms is not None and self.itl_serving_margin_ms >= self.itl_target_ms:
+            raise ValueError(
+                f"itl_serving_margin_ms ({self.itl_serving_margin_ms}) must be below itl_target_ms ({self.itl_target_ms})"
+            )
+        return self
+
+    def target_step_seconds(self) -> float | None:
+        """The engine's step-period target (engine.config.SchedulerConfig.target_step_seconds)."""
+        if self.itl_target_ms is None:
+            return None
+        return (self.itl_target_ms - self.itl_serving_margin_ms) / 1000
+
+
+class TierAutoscaling(_Strict):
+    """Replica bounds plus the queue-depth policy; delays and factors are applied by Serve."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    # Engine queue (waiting + running sequences) one replica should carry.
+    target_queue_depth: float = Field(8.0, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    upscaling_factor: float | None = Field(None, gt=0)
+    downscaling_factor: float | None = Field(None, gt=0)
+    # How often replicas push their queue signal, and the window it is averaged over.
+    # NOTE: Serve 2.60 marks metrics_interval_s deprecated (future: an environment variable) but
+    # still pushes replica stats at this interval; its default of 10 s reacts too slowly.
+    metrics_interval_s: float = Field(2.0, gt=0)
+    look_back_period_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TierAutoscaling":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError("look_back_period_s must be longer than metrics_interval_s")
+        return self
+
+    def serve_config(self) -> dict[str, Any]:
+        """Serve's `autoscaling_config`, with the queue-depth policy plugged in."""
+        config = self.model_dump(exclude={"target_queue_depth"}, exclude_none=True)
+        config["policy"] = {
+            "policy_function": POLICY_FUNCTION,
+            "policy_kwargs": {"target_queue_depth": self.target_queue_depth},
+        }
+        return config
+
+
+class TierDeployment(_Strict):
+    """Ray resources and Serve options of each replica of a tier."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    # NOTE: high on purpose: the engine does the queueing (and reports it to the autoscaler);
+    # Serve's own per-replica cap would hide the queue from it.
+    max_ongoing_requests: int = Field(1024, ge=1)
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+    # Also how long `drain()` lets in-flight requests finish before aborting them.
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    # A replica whose engine step has not finished for this long reports itself unhealthy.
+    engine_stall_s: float = Field(120.0, gt=0)
+
+
+class TierConfig(_Strict):
+    engine: EngineSettings = EngineSettings()
+    tuning: TierTuning = TierTuning()
+    autoscaling: TierAutoscaling = TierAutoscaling()
+    deployment: TierDeployment = TierDeployment()
+    admission: AdmissionConfig = AdmissionConfig()
+
+    def check(self, name: str, num_attention_heads: int, num_key_value_heads: int) -> None:
+        """Checks against the checkpoint and the resources; errors name the offending key."""
+        key = f"tiers.{name}"
+        tp = self.engine.tensor_parallel_size
+        for what, heads in (("num_attention_heads", num_attention_heads), ("num_key_value_heads", num_key_value_heads)):
+            if heads % tp:
+                raise ValueError(
+                    f"{key}.engine.tensor_parallel_size={tp} does not divide the checkpoint's {what} ({heads})"
+                )
+        gpus = self.deployment.num_gpus
+        if self.engine.device == "cuda" and gpus != tp:
+            raise ValueError(
+                f"{key}.deployment.num_gpus={gpus:g} must equal {key}.engine.tensor_parallel_size={tp} "
+                "(one GPU per tensor-parallel rank)"
+            )
+        if self.engine.device == "cpu" and gpus:
+            raise ValueError(f"{key}.deployment.num_gpus={gpus:g} but {key}.engine.device is 'cpu'")
+
+    def check_supported(self, name: str) -> None:
+        """Features the config may name but the engine does not run yet."""
+        if self.engine.tensor_parallel_size != 1:
+            raise ValueError(
+                f"tiers.{name}.engine.tensor_parallel_size={self.engine.tensor_parallel_size}: tensor "
+                "parallelism is not implemented in the engine yet; use 1"
+            )
+        if self.engine.quantization is not None:
+            raise ValueError(
+                f"tiers.{name}.engine.quantization={self.engine.quantization!r}: fp8 weights are not "
+                "implemented in the engine yet; use null"
+            )
+
+
+class RouterConfig(_Strict):
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(2048, ge=1)
+    # Larger request bodies get 413 before they are read.
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+
+class AppConfig(_Strict):
+    # A checkpoint folder; null = the embedded tiny random-weight checkpoint (created if absent).
+    model: str | None = None
+    served_model_name: str | None = None  # default: the checkpoint folder's name
+    chat_template: Literal["mistral", "llama2-sys"] = "mistral"
+    default_tier: str
+    tiers: dict[TierName, TierConfig] = Field(min_length=1)
+    router: RouterConfig = RouterConfig()
+    auth: AuthConfig = AuthConfig()
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_dir():
+            raise ValueError(f"checkpoint folder {value!r} does not exist")
+        return value
+
+    @field_validator("tiers")
+    @classmethod
+    def _tier_names(cls, tiers: dict[str, TierConfig]) -> dict[str, TierConfig]:
+        reserved = sorted(_RESERVED_TIERS & tiers.keys())
+        if reserved:
+            raise ValueError(f"tier names {reserved} are reserved")
+        return tiers
+
+    @model_validator(mode="after")
+    def _check_default(self) -> "AppConfig":
+        if self.default_tier not in self.tiers:
+            raise ValueError(f"default_tier {self.default_tier!r} is not one of the tiers {sorted(self.tiers)}")
+        return self
+
+    def model_dir(self) -> Path | None:
+        return Path(self.model).expanduser() if self.model is not None else None
+

@@ -1,0 +1,55 @@
+"""What the router and the model replicas send each other through Ray (plain, torch-free data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str  # the engine's request id: unique per prompt
+    sampling: dict[str, Any]  # engine.sampling.SamplingParams fields
+    prompt: str | list[int] | None = None  # completions
+    messages: list[dict[str, str]] | None = None  # chat: rendered with the engine's chat template
+    stream: bool = False  # False: the replica sends one chunk, at the end
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]  # most likely first
+
+
+@dataclass
+class ChoiceChunk:
+    """New output of one choice since the previous chunk."""
+
+    index: int
+    text: str = ""
+    num_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass
+class GenerateChunk:
+    choices: list[ChoiceChunk]
+    finished: bool
+    num_prompt_tokens: int
+    num_output_tokens: int  # all choices, so far
+    num_cached_tokens: int
+    queue_seconds: float | None  # arrival at the engine to first schedule
+
+
+@dataclass
+class ErrorInfo:
+    """A failure to report to the client in OpenAI's error envelope (see deployments/errors.py)."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None

@@ -1,0 +1,270 @@
+"""The model replica: one deployment class, one instance per configured tier, each owning one engine.
+
+It speaks `deployments.protocol` to the router, reports its engine queue to the autoscaler,
+takes live scheduler knobs through `reconfigure()` and coalesces streamed deltas per the
+tier's flush interval. Tensors never leave it; it never imports torch itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from pydantic import ValidationError
+from ray import serve
+
+from deployments.config import TierTuning
+from deployments.protocol import ChoiceChunk, ErrorInfo, GenerateChunk, GenerateRequest, TokenLogprob
+from engine.async_engine import AsyncEngine
+from engine.checkpoint import default_model_dir
+from engine.config import EngineConfig, SchedulerConfig
+from engine.outputs import EngineDeadError, RequestError, RequestFailedError, RequestOutput
+from engine.sampling import SamplingParams
+from engine.tokenizer import ChatTemplateError
+
+log = logging.getLogger("ray.serve")
+
+_END = object()  # end of an engine stream inside the coalescing queue
+
+
+# NOTE: helpers come before the deployment class: `@serve.deployment` pickles the class when it
+# is decorated, and globals defined after that point would be missing in the replica.
+
+class _ChunkState:
+    """Per-request memory across chunks."""
+
+    def __init__(self, want_logprobs: bool) -> None:
+        self.want_logprobs = want_logprobs
+        self.queue_seconds: float | None = None
+
+
+async def _coalesce(outputs: AsyncIterator[RequestOutput], interval: float) -> AsyncIterator[list[RequestOutput]]:
+    """Groups engine outputs: the first alone at once, then whatever arrived within `interval`
+    of the previous flush (`inf`: everything at the end, `0`: each as it comes)."""
+    if interval == 0:
+        async for out in outputs:
+            yield [out]
+        return
+    if math.isinf(interval):
+        yield [out async for out in outputs]
+        return
+    # NOTE: a pump task feeds a queue so waiting for the flush deadline only ever cancels a
+    # queue read; cancelling the engine's generator itself would abort the request.
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for out in outputs:
+                queue.put_nowait(out)
+            queue.put_nowait(_END)
+        except Exception as err:  # noqa: BLE001 - re-raised on the consumer's side
+            queue.put_nowait(err)
+
+    task = asyncio.create_task(pump())
+    loop = asyncio.get_running_loop()
+    last_flush: float | None = None
+    try:
+        while True:
+            batch = [await queue.get()]
+            if last_flush is not None:  # not the first token: hold until the interval is over
+                while not _final(batch[-1]) and (left := last_flush + interval - loop.time()) > 0:
+                    try:
+                        batch.append(await asyncio.wait_for(queue.get(), left))
+                    except asyncio.TimeoutError:
+                        break
+            if isinstance(batch[-1], Exception):
+                raise batch[-1]
+            outs = [item for item in batch if item is not _END]
+            if outs:
+                yield outs
+            if _final(batch[-1]):
+                return
+            last_flush = loop.time()
+    finally:
+        task.cancel()  # ends the engine stream (an abort unless it finished) before it is closed
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _final(item: Any) -> bool:
+    return item is _END or isinstance(item, Exception) or item.finished
+
+
+@serve.deployment
+class ModelReplica:
+    def __init__(self, tier: str, engine_config: dict[str, Any], engine_stall_s: float,
+                 drain_timeout_s: float) -> None:
+        # NOTE: `model: None` = the embedded default, resolved (and written if absent) here on the
+        # replica's node rather than by the builder, whose node may be another machine.
+        if engine_config.get("model") is None:
+            engine_config = {**engine_config, "model": str(default_model_dir())}
+        self.tier = tier
+        self.engine = AsyncEngine(EngineConfig.model_validate(engine_config))
+        self.tokenizer = self.engine.tokenizer
+        self.engine_stall_s = engine_stall_s
+        self.drain_timeout_s = drain_timeout_s
+        self._draining = False
+        self._drained = False
+        self._active: set[str] = set()  # request ids between admission and their end
+        self.tuning = TierTuning()
+        self._waiting_first_token: dict[str, float] = {}  # request id -> arrival (for TTFT breaches)
+        # Token text for logprobs: decoded after a fixed context so a leading space survives.
+        self._context_id = self.tokenizer.encode("a")[-1]
+        self._context_len = len(self.tokenizer.decode([self._context_id]))
+        self._token_texts: dict[int, str] = {}  # bounded by the vocabulary
+
+    # ---- Serve hooks -----------------------------------------------------------------------
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Live tuning: the engine applies new scheduler knobs between two steps."""
+        tuning = TierTuning.model_validate(user_config)
+        self.engine.start()  # on the replica's event loop, so the knobs apply now, not at the first request
+        self.engine.reconfigure(SchedulerConfig(
+            max_num_seqs=tuning.max_num_seqs,
+            max_num_batched_tokens=tuning.max_num_batched_tokens,
+            policy=tuning.policy,
+            target_step_seconds=tuning.target_step_seconds(),
+        ))
+        self.tuning = tuning
+        log.info("tier %s reconfigured: %s", self.tier, tuning.model_dump())
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The queue-depth policy's signal (deployments/autoscaling.py)."""
+        stats = self.engine.stats()
+        breaches = 0
+        if self.tuning.ttft_target_ms is not None:
+            oldest_allowed = time.monotonic() - self.tuning.ttft_target_ms / 1000
+            breaches = sum(1 for t in self._waiting_first_token.values() if t < oldest_allowed)
+        return {"queue_depth": float(stats.num_waiting + stats.num_running), "ttft_breaches": float(breaches)}
+
+    def check_health(self) -> None:
+        self.engine.check_health(self.engine_stall_s)
+        if self._drained:
+            # NOTE: a drained replica asks to be replaced rather than serving 503s forever.
+            raise RuntimeError(f"tier {self.tier}: replica drained")
+
+    async def drain(self) -> dict[str, int]:
+        """Refuses new requests (503 `draining`), lets those in flight finish for up to the
+        tier's graceful_shutdown_timeout_s, aborts the rest; then fails health checks so Serve
+        replaces the replica."""
+        self._draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_timeout_s
+        in_flight = len(self._active)
+        while self._active and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        aborted = list(self._active)
+        for request_id in aborted:
+            await self.engine.abort(request_id)
+        self._drained = True
+        log.info("tier %s drained: %d in flight, %d aborted", self.tier, in_flight, len(aborted))
+        return {"in_flight": in_flight, "aborted": len(aborted)}
+
+    async def ping(self) -> str:
+        return "ok"
+
+    def describe(self) -> dict[str, Any]:
+        """What an operator (or a test) wants to see of this replica."""
+        stats = self.engine.stats()
+        scheduler = self.engine.engine.scheduler
+        controller = scheduler.controller
+        return {
+            "tier": self.tier,
+            "replica_id": serve.get_replica_context().replica_id.unique_id,
+            "tuning": self.tuning.model_dump(),
+            "scheduler": scheduler.config.model_dump(),
+            "num_waiting": stats.num_waiting,
+            "num_running": stats.num_running,
+            "kv_usage": stats.kv_usage,
+            "kv_blocks_used": stats.kv_blocks_used,
+            "last_step_seconds": stats.last_step_seconds,
+            "latency_fit": None if controller is None else {
+                **dict(zip(("overhead_s", "per_seq_s", "per_token_s"), controller.fit())),
+                "step_period_p90_s": controller.recent_p90(),
+            },
+        }
+
+    # ---- generation ------------------------------------------------------------------------
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk | ErrorInfo]:
+        """Chunks of new output until the request finishes; an `ErrorInfo` instead on failure."""
+        if self._draining:
+            yield ErrorInfo(503, "This replica is draining; retry the request.", type="service_unavailable_error",
+                            code="draining")
+            return
+        try:
+            params = SamplingParams.model_validate(request.sampling)
+            if request.messages is not None:
+                prompt: str | list[int] = self.engine.engine.encode_chat(request.messages)
+            else:
+                assert request.prompt is not None
+                prompt = request.prompt
+        except ValidationError as err:
+            first = err.errors()[0]
+            param = str(first["loc"][0]) if first["loc"] else None
+            yield ErrorInfo(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
+            return
+        except ChatTemplateError as err:
+            yield ErrorInfo(400, str(err), param="messages")
+            return
+        self._waiting_first_token[request.request_id] = time.monotonic()
+        self._active.add(request.request_id)
+        interval = self.tuning.stream_flush_ms / 1000 if request.stream else math.inf
+        state = _ChunkState(want_logprobs=params.logprobs is not None)
+        try:
+            # Closing the engine's stream (finished, failed or the client left) aborts the request.
+            async with aclosing(self.engine.generate(
+                request.request_id, prompt, params, continuation=request.messages is None
+            )) as outputs:
+                async for batch in _coalesce(outputs, interval):
+                    self._waiting_first_token.pop(request.request_id, None)
+                    yield self._chunk(batch, state)
+        except RequestError as err:
+            yield ErrorInfo(400, str(err), param=err.param)
+        except RequestFailedError:
+            log.exception("tier %s: request %s failed", self.tier, request.request_id)
+            yield ErrorInfo(500, "The request failed inside the engine; it has been logged.",
+                            type="internal_server_error", code="internal_error")
+        except EngineDeadError:
+            yield ErrorInfo(503, "The model engine is not running; retry the request.",
+                            type="service_unavailable_error", code="engine_dead")
+        finally:
+            self._waiting_first_token.pop(request.request_id, None)
+            self._active.discard(request.request_id)
+
+    def _chunk(self, batch: list[RequestOutput], state: "_ChunkState") -> GenerateChunk:
+        choices: dict[int, ChoiceChunk] = {}
+        for out in batch:
+            if state.queue_seconds is None:
+                state.queue_seconds = out.queue_time
+            for delta in out.choices:
+                choice = choices.setdefault(delta.index, ChoiceChunk(delta.index))
+                choice.text += delta.text
+                choice.num_tokens += len(delta.token_ids)
+                if state.want_logprobs:
+                    choice.logprobs.extend(
+                        TokenLogprob(self._token_text(lp.token_id), lp.logprob,
+                                     [(self._token_text(t), v) for t, v in lp.top])
+                        for lp in delta.logprobs
+                    )
+                if delta.finish_reason is not None:
+                    choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
+        last = batch[-1]
+        return GenerateChunk(
+            choices=[choices[i] for i in sorted(choices)],
+            finished=last.finished,
+            num_prompt_tokens=last.num_prompt_tokens,
+            num_output_tokens=last.num_output_tokens,
+            num_cached_tokens=last.num_cached_tokens,
+            queue_seconds=state.queue_seconds,
+        )
+
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([self._context_id, token_id])[self._context_len:]
+            self._token_texts[token_id] = text
+        return text
+
