@@ -12,6 +12,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from deployments import metrics
 from deployments.config import ROUTER_DEPLOYMENT, AppConfig, TierConfig
 from deployments.replica import ModelReplica
 from deployments.router import Router, RouterSettings
@@ -28,6 +29,9 @@ def engine_config(model: Path | None, tier: TierConfig, chat_template: str) -> E
         dtype=e.dtype,
         device=e.device,
         max_model_len=e.max_model_len,
+        tensor_parallel_size=e.tensor_parallel_size,
+        quantization=e.quantization,
+        fp8_per_channel=e.fp8_per_channel,
         chat_template=chat_template,
         seed=e.seed,
         cache=CacheConfig(
@@ -59,7 +63,6 @@ def validate(args: dict[str, Any]) -> tuple[AppConfig, ModelConfig, dict[str, En
     config.auth.entries()  # the key file or variable is readable (the router reads it again)
     for name, tier in config.tiers.items():
         tier.check(name, model_config.num_attention_heads, model_config.num_key_value_heads)
-        tier.check_supported(name)
         try:
             engines[name] = engine_config(config.model_dir(), tier, config.chat_template)
         except ValueError as err:
@@ -67,8 +70,26 @@ def validate(args: dict[str, Any]) -> tuple[AppConfig, ModelConfig, dict[str, En
     return config, model_config, engines
 
 
+def _placement(tier: TierConfig) -> dict[str, Any]:
+    """Replica resources: one actor, or with tensor parallelism one placement-group bundle per rank
+    (the replica takes bundle 0, its rank actors the others; see deployments/tp_workers.py)."""
+    dep, tp = tier.deployment, tier.engine.tensor_parallel_size
+    per_rank = {"num_cpus": dep.num_cpus / tp, "num_gpus": dep.num_gpus / tp}
+    if tp == 1:
+        return {"ray_actor_options": per_rank}
+    bundle = {"CPU": per_rank["num_cpus"]} | ({"GPU": per_rank["num_gpus"]} if dep.num_gpus else {})
+    return {
+        "ray_actor_options": per_rank,
+        "placement_group_bundles": [bundle] * tp,
+        "placement_group_strategy": dep.placement_strategy,
+    }
+
+
 def build_app(args: dict[str, Any]) -> Application:
     config, model_config, engines = validate(args)
+    # Every tier's latency targets are buckets of every tier's histograms (the dashboards read them).
+    buckets = metrics.histogram_buckets(
+        metrics.tier_targets(t.tuning.itl_target_ms, t.tuning.ttft_target_ms) for t in config.tiers.values())
     handles = {}
     for name, tier in config.tiers.items():
         # `model: None` travels as None: each replica resolves the embedded default on its own node.
@@ -78,12 +99,12 @@ def build_app(args: dict[str, Any]) -> Application:
             name=name,
             autoscaling_config=tier.autoscaling.serve_config(),
             user_config=tier.tuning.model_dump(mode="json"),
-            ray_actor_options={"num_cpus": dep.num_cpus, "num_gpus": dep.num_gpus},
+            **_placement(tier),
             max_ongoing_requests=dep.max_ongoing_requests,
             health_check_period_s=dep.health_check_period_s,
             health_check_timeout_s=dep.health_check_timeout_s,
             graceful_shutdown_timeout_s=dep.graceful_shutdown_timeout_s,
-        ).bind(name, engine, dep.engine_stall_s, dep.graceful_shutdown_timeout_s)
+        ).bind(name, engine, dep.engine_stall_s, dep.graceful_shutdown_timeout_s, buckets)
     context = model_config.max_position_embeddings
     settings = RouterSettings(
         served_model_name=config.served_model_name or (config.model_dir() or default_model_dir()).name,

@@ -50,10 +50,11 @@ class EngineSettings(_Strict):
     block_size: int = Field(16, ge=1, le=1024)
     enable_prefix_caching: bool = True
     seed: int = 0
-    # NOTE: accepted and checked against the checkpoint now; the engine runs them from a later
-    # issue on, until then the builder refuses values other than 1 / null.
+    # Ranks of one replica: rank 0 is the replica itself, the others Ray actors in its
+    # placement group (one bundle per rank, `deployment.placement_strategy`).
     tensor_parallel_size: int = Field(1, ge=1)
     quantization: Literal["fp8"] | None = None
+    fp8_per_channel: bool = True
 
 
 class TierTuning(_Strict):
@@ -139,6 +140,8 @@ class TierDeployment(_Strict):
 
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    # With tensor parallelism: how the per-rank bundles may spread (STRICT_PACK: one node).
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
     # NOTE: high on purpose: the engine does the queueing (and reports it to the autoscaler);
     # Serve's own per-replica cap would hide the queue from it.
     max_ongoing_requests: int = Field(1024, ge=1)
@@ -174,19 +177,6 @@ class TierConfig(_Strict):
             )
         if self.engine.device == "cpu" and gpus:
             raise ValueError(f"{key}.deployment.num_gpus={gpus:g} but {key}.engine.device is 'cpu'")
-
-    def check_supported(self, name: str) -> None:
-        """Features the config may name but the engine does not run yet."""
-        if self.engine.tensor_parallel_size != 1:
-            raise ValueError(
-                f"tiers.{name}.engine.tensor_parallel_size={self.engine.tensor_parallel_size}: tensor "
-                "parallelism is not implemented in the engine yet; use 1"
-            )
-        if self.engine.quantization is not None:
-            raise ValueError(
-                f"tiers.{name}.engine.quantization={self.engine.quantization!r}: fp8 weights are not "
-                "implemented in the engine yet; use null"
-            )
 
 
 class RouterConfig(_Strict):

@@ -16,10 +16,13 @@ from contextlib import aclosing
 from typing import Any
 
 from pydantic import ValidationError
+import ray
 from ray import serve
 
 from deployments.config import TierTuning
+from deployments.tp_workers import RayRankLauncher
 from deployments.protocol import ChoiceChunk, ErrorInfo, GenerateChunk, GenerateRequest, TokenLogprob
+from deployments.replica_metrics import ReplicaMetrics
 from engine.async_engine import AsyncEngine
 from engine.checkpoint import default_model_dir
 from engine.config import EngineConfig, SchedulerConfig
@@ -97,14 +100,20 @@ def _final(item: Any) -> bool:
 @serve.deployment
 class ModelReplica:
     def __init__(self, tier: str, engine_config: dict[str, Any], engine_stall_s: float,
-                 drain_timeout_s: float) -> None:
+                 drain_timeout_s: float, metric_buckets: dict[str, tuple[float, ...]]) -> None:
         # NOTE: `model: None` = the embedded default, resolved (and written if absent) here on the
         # replica's node rather than by the builder, whose node may be another machine.
         if engine_config.get("model") is None:
             engine_config = {**engine_config, "model": str(default_model_dir())}
         self.tier = tier
-        self.engine = AsyncEngine(EngineConfig.model_validate(engine_config))
+        config = EngineConfig.model_validate(engine_config)
+        # Tensor-parallel ranks > 0 run as actors in this replica's placement group, each with
+        # the share of resources its bundle holds (the same as this replica's own).
+        resources = ray.get_runtime_context().get_assigned_resources()
+        launcher = RayRankLauncher(resources.get("CPU", 0.0), resources.get("GPU", 0.0))
+        self.engine = AsyncEngine(config, launcher=launcher)
         self.tokenizer = self.engine.tokenizer
+        self.metrics = ReplicaMetrics(tier, self.engine.stats, metric_buckets)
         self.engine_stall_s = engine_stall_s
         self.drain_timeout_s = drain_timeout_s
         self._draining = False
@@ -215,9 +224,9 @@ class ModelReplica:
         state = _ChunkState(want_logprobs=params.logprobs is not None)
         try:
             # Closing the engine's stream (finished, failed or the client left) aborts the request.
-            async with aclosing(self.engine.generate(
+            async with aclosing(self.metrics.track(self.engine.generate(
                 request.request_id, prompt, params, continuation=request.messages is None
-            )) as outputs:
+            ), params.n)) as outputs:
                 async for batch in _coalesce(outputs, interval):
                     self._waiting_first_token.pop(request.request_id, None)
                     yield self._chunk(batch, state)

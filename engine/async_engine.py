@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 from engine.config import EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
+from engine.parallel import WorkerLauncher, launch_local
 from engine.outputs import EngineDeadError, EngineStats, RequestFailedError, RequestOutput
 from engine.sampling import SamplingParams
 
@@ -34,8 +35,8 @@ class _Add:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig) -> None:
-        self.engine = LLMEngine(config)
+    def __init__(self, config: EngineConfig, launcher: WorkerLauncher = launch_local) -> None:
+        self.engine = LLMEngine(config, launcher)
         self.tokenizer = self.engine.tokenizer
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self._commands: queue.SimpleQueue[_Add | str | SchedulerConfig] = queue.SimpleQueue()

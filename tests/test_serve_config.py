@@ -59,9 +59,11 @@ def test_gpu_profiles_validate_against_the_real_shapes(tmp_path: Path, name: str
         assert tier.engine.device == "cuda" and tier.deployment.num_gpus == tier.engine.tensor_parallel_size
         assert tier.engine.max_model_len <= shape.max_position_embeddings
     assert config.tiers["fixed-latency"].tuning.itl_target_ms is not None
-    # Parallelism and fp8 are validated but not run by the engine yet: the builder says so.
-    with pytest.raises(ValueError, match=r"tiers\.latency\.engine\.tensor_parallel_size=\d: tensor parallelism"):
-        validate(args)
+    # The builder turns every tier into an engine config carrying its parallelism and fp8 choice.
+    _, _, engines = validate(args)
+    for tier_name, tier in config.tiers.items():
+        assert engines[tier_name].tensor_parallel_size == tier.engine.tensor_parallel_size
+        assert engines[tier_name].quantization == tier.engine.quantization
 
 
 def _local() -> dict[str, Any]:
