@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from benchmarks import engine_bench, serve_bench
+from dashboards import commands as dashboard_commands
 from engine.checkpoint import DTYPES, PRESETS, default_model_dir, write_checkpoint
 
 if TYPE_CHECKING:  # heavy imports stay out of `--help`
@@ -22,6 +23,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint folder (default: the embedded tiny random-weight Mixtral)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     p.add_argument("--max-model-len", type=int)
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks (local processes on CPU, gloo)")
+    p.add_argument("--quantization", choices=["fp8"], help="fp8 weights for attention and experts")
     p.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache size in MiB")
     p.add_argument("--chat-template", default="mistral", choices=["mistral", "llama2-sys"])
     p.add_argument("--seed", type=int)
@@ -38,6 +41,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         model=str(args.model or default_model_dir()),
         dtype=args.dtype,
         max_model_len=args.max_model_len,
+        tensor_parallel_size=args.tensor_parallel_size,
+        quantization=args.quantization,
         chat_template=args.chat_template,
         cache=CacheConfig(kv_cache_bytes=args.kv_cache_mb * 2**20),
     )
@@ -131,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("serve", help="load-test an OpenAI-compatible server: latency, tokens/s, goodput")
     serve_bench.add_arguments(p)
     p.set_defaults(func=serve_bench.main)
+
+    dashboard_commands.add_parser(sub)
     return parser
 
 
