@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.checkpoint import PRESETS, write_checkpoint
 from engine.model_config import ModelConfig
@@ -32,3 +33,13 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFacto
 @pytest.fixture(scope="session")
 def tiny_checkpoint(make_checkpoint: CheckpointFactory) -> Path:
     return make_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """The tiny model gains nothing from intra-op threads, and on a busy 2-core machine their
+    spin-waits make every step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from engine.async_engine import AsyncEngine
-from engine.checkpoint import PRESETS, write_checkpoint
+from engine.checkpoint import PRESETS
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_runner import StepOutput, kv_bytes_per_block
@@ -29,19 +29,12 @@ TINY = PRESETS["tiny"]
 T = TypeVar("T")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The tiny model gains nothing from intra-op threads, and on a busy 2-core machine their
-    # spin-waits make every step many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("async-ckpt"), TINY, layout="hf", seed=0, dtype="float32")
+def ckpt(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 def config(ckpt: Path, *, blocks: int = 1024, block_size: int = 4, max_num_seqs: int = 16,

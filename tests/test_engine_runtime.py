@@ -8,7 +8,7 @@ Everything runs the `tiny` random-weight Mixtral in fp32 on CPU with small promp
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import engine.kv_cache as kv_cache
-from engine.checkpoint import PRESETS, write_checkpoint
+from engine.checkpoint import PRESETS
 from engine.config import EngineConfig
 from engine.kv_cache import BlockManager
 from engine.llm import LLM
@@ -31,19 +31,12 @@ TINY = PRESETS["tiny"]
 GREEDY = dict(temperature=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The tiny model gains nothing from intra-op threads, and on a busy 2-core machine their
-    # spin-waits make every step many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("runtime-ckpt"), TINY, layout="hf", seed=0, dtype="float32")
+def ckpt(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 def make_engine(
