@@ -12,16 +12,24 @@ the instance keeps the gauges.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any
 
 from ray.serve.config import AutoscalingContext
-from ray.serve.metrics import Gauge
+
+from deployments import metrics as m
 
 log = logging.getLogger("ray.serve")
 
 _LAST_LOGGED = "mixtral_serve_last_logged"  # policy_state key
+
+
+@functools.cache
+def _gauges() -> tuple[Any, ...]:
+    """One set per process: the controller runs every tier's policy, each labelling its own."""
+    return tuple(m.create(spec) for spec in (m.DESIRED_REPLICAS, m.CURRENT_REPLICAS, m.QUEUE_DEPTH, m.TTFT_BREACHES))
 
 
 class QueueDepthPolicy:
@@ -29,15 +37,7 @@ class QueueDepthPolicy:
         if target_queue_depth <= 0:
             raise ValueError(f"target_queue_depth must be > 0, got {target_queue_depth}")
         self.target_queue_depth = target_queue_depth
-        tags = ("application", "tier")
-        self._desired = Gauge("mixtral_serve_autoscaling_desired_replicas",
-                              "Replicas the queue-depth policy asks for, within min/max (before Serve's delays)",
-                              tag_keys=tags)
-        self._current = Gauge("mixtral_serve_autoscaling_current_replicas", "Running replicas of the tier",
-                              tag_keys=tags)
-        self._signal = Gauge("mixtral_serve_autoscaling_queue_depth",
-                             "Engine queue (waiting + running sequences) summed over the tier's replicas",
-                             tag_keys=tags)
+        self._desired, self._current, self._signal, self._breaches = _gauges()
 
     def desired_replicas(self, queue_depth: float, ttft_breaches: float, current: int) -> int:
         desired = math.ceil(queue_depth / self.target_queue_depth - 1e-9)
@@ -63,6 +63,7 @@ class QueueDepthPolicy:
         self._desired.set(bounded, tags=tags)
         self._current.set(current, tags=tags)
         self._signal.set(queue_depth, tags=tags)
+        self._breaches.set(breaches, tags=tags)
         decision = [bounded, current]
         if state.get(_LAST_LOGGED) != decision:
             log.info(

@@ -24,7 +24,7 @@ RAY_PREFIX = "ray_"
 
 MetricType = Literal["counter", "gauge", "histogram"]
 Component = Literal["replica", "router", "autoscaler"]  # the process that records the metric
-Target = Literal["ttft", "itl"]  # a tier's latency target, in seconds
+TargetKind = Literal["ttft", "itl"]  # which of a tier's latency targets (values in seconds)
 
 # Where Ray adds its own tags: in replicas (model replicas and the router) but not in the
 # Serve controller, whose metrics name their application themselves.
@@ -43,7 +43,7 @@ class MetricSpec:
     help: str
     labels: tuple[str, ...] = ("tier",)  # our own labels; Ray adds RAY_TAGS[component]
     buckets: tuple[float, ...] = ()  # histograms: the base buckets
-    target: Target | None = None  # histograms: this target of every tier becomes a bucket too
+    target: TargetKind | None = None  # histograms: this target of every tier becomes a bucket too
 
     @property
     def exported(self) -> str:
@@ -130,7 +130,8 @@ HTTP_REQUESTS = MetricSpec(
     labels=("tier", "status_code"))
 REJECTIONS = MetricSpec(
     "mixtral_request_rejections_total", "counter", "router",
-    "Requests refused before generation, by reason: validation, auth, overload, timeout",
+    "Requests refused or cut short, by reason: validation (400/404/413/422), auth (401/403), "
+    "overload (429), timeout (408/504), unavailable (503)",
     labels=("tier", "reason"))
 DISCONNECTS = MetricSpec(
     "mixtral_client_disconnects_total", "counter", "router",
@@ -167,13 +168,13 @@ def exported_series() -> set[str]:
     return {name for spec in CATALOG for name in spec.series}
 
 
-def tier_targets(itl_target_ms: float | None, ttft_target_ms: float | None) -> dict[Target, float]:
+def tier_targets(itl_target_ms: float | None, ttft_target_ms: float | None) -> dict[TargetKind, float]:
     """A tier's latency targets in seconds (those it has).
 
     Rounded to the microsecond: 33.3 ms is then the bucket bound 0.0333 (`le="0.0333"`), not
     0.033299999999999996, in the replicas, the dashboards and the rules alike.
     """
-    targets: dict[Target, float] = {}
+    targets: dict[TargetKind, float] = {}
     if itl_target_ms is not None:
         targets["itl"] = round(itl_target_ms / 1000, 6)
     if ttft_target_ms is not None:
@@ -181,7 +182,7 @@ def tier_targets(itl_target_ms: float | None, ttft_target_ms: float | None) -> d
     return targets
 
 
-def histogram_buckets(targets: Iterable[Mapping[Target, float]]) -> dict[str, tuple[float, ...]]:
+def histogram_buckets(targets: Iterable[Mapping[TargetKind, float]]) -> dict[str, tuple[float, ...]]:
     """Each histogram's buckets: its base buckets plus every tier's target of its kind.
 
     NOTE: every tier gets the same buckets (all tiers' targets), not just its own: one metric

@@ -93,6 +93,15 @@ async def _coalesce(outputs: AsyncIterator[RequestOutput], interval: float) -> A
         await asyncio.gather(task, return_exceptions=True)
 
 
+# NOTE: vLLM's floor for log(0): tokens that top-k / top-p / min-p filtered out have -inf, which
+# JSON cannot carry (found by the Schemathesis test: a 500 from the response encoder).
+_MIN_LOGPROB = -9999.0
+
+
+def _finite(logprob: float) -> float:
+    return logprob if logprob > _MIN_LOGPROB else _MIN_LOGPROB
+
+
 def _final(item: Any) -> bool:
     return item is _END or isinstance(item, Exception) or item.finished
 
@@ -254,8 +263,8 @@ class ModelReplica:
                 choice.num_tokens += len(delta.token_ids)
                 if state.want_logprobs:
                     choice.logprobs.extend(
-                        TokenLogprob(self._token_text(lp.token_id), lp.logprob,
-                                     [(self._token_text(t), v) for t, v in lp.top])
+                        TokenLogprob(self._token_text(lp.token_id), _finite(lp.logprob),
+                                     [(self._token_text(t), _finite(v)) for t, v in lp.top])
                         for lp in delta.logprobs
                     )
                 if delta.finish_reason is not None:

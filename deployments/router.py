@@ -37,6 +37,7 @@ from deployments.errors import OpenAIError, install_error_handlers, internal_err
 from deployments.openai_format import ResponseBuilder, sse
 from deployments.openai_schemas import ChatCompletionRequest, CompletionRequest
 from deployments.protocol import ErrorInfo, GenerateChunk, GenerateRequest
+from deployments.router_metrics import MetricsMiddleware, RouterMetrics
 
 _PING_TIMEOUT_S = 5.0
 
@@ -65,10 +66,16 @@ def _body_limit() -> int | None:
     return None if router is None else router.settings.max_body_bytes
 
 
+def _metrics() -> RouterMetrics | None:
+    router = _router()
+    return None if router is None else router.metrics
+
+
 app = FastAPI(title="mixtral-serve", docs_url=None, redoc_url=None)
 install_error_handlers(app)
 app.add_middleware(ApiKeyMiddleware, guard=_guard)
-app.add_middleware(BodyLimitMiddleware, limit=_body_limit)  # added last = runs first
+app.add_middleware(BodyLimitMiddleware, limit=_body_limit)
+app.add_middleware(MetricsMiddleware, metrics=_metrics)  # added last = runs first: sees every answer
 
 
 def _timed_out(seconds: float) -> OpenAIError:
@@ -157,6 +164,7 @@ class Router:
         self.created = int(time.time())
         self.guard = ApiKeyGuard(settings.auth.entries(), settings.default_tier)
         self.gates = {name: TierGate(name, settings.admission[name]) for name in tiers}
+        self.metrics = RouterMetrics(tiers, settings.default_tier)
 
     # ---- routing helpers ------------------------------------------------------------------
     def _tier(self, tier: str | None) -> str:

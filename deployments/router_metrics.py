@@ -1,37 +1,32 @@
 """The router's metrics: API requests by tier and status, rejections by reason, client disconnects.
 
 An ASGI middleware on the router's FastAPI app sees every response, including those FastAPI
-answers itself (request validation, unknown routes), and every client that leaves early.
-Recording happens once per request, when it ends.
-
-NOTE: the metrics live in a module global set by the router's constructor (`install`): Serve
-runs the FastAPI app as a frozen copy the deployment instance cannot reach, and the
-middleware needs the tier names to keep the `tier` label bounded. One router per process.
+and the other middlewares answer themselves (request validation, unknown routes, API keys,
+body limits), and every client that leaves early. Recording happens once per request, when it
+ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from collections.abc import Callable, Iterable
+
+from ray.exceptions import TaskCancelledError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments import metrics as m
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 UNKNOWN_TIER = "unknown"  # a path naming no configured tier (answered 404)
 DISCONNECTED_STATUS = 499  # no response started: the client left first (nginx's convention)
 
-# NOTE: Serve's own queue cap (`max_queued_requests`) answers 503, so 503 counts as overload.
+# The router's statuses (README, "Errors"): 429 is its admission control refusing a full tier;
+# 503 a replica that drains, or an engine or replica that is gone.
 REJECTION_REASONS: dict[int, str] = {
     400: "validation", 404: "validation", 405: "validation", 413: "validation", 422: "validation",
     401: "auth", 403: "auth",
-    429: "overload", 503: "overload",
+    429: "overload",
     408: "timeout", 504: "timeout",
+    503: "unavailable",
 }
 
 
@@ -61,23 +56,19 @@ class RouterMetrics:
             self._disconnects.inc(tags={"tier": tier})
 
 
-_installed: RouterMetrics | None = None
-
-
-def install(tiers: Iterable[str], default_tier: str) -> None:
-    """Called by the router's constructor, in its replica."""
-    global _installed
-    _installed = RouterMetrics(tiers, default_tier)
-
-
 class MetricsMiddleware:
-    """`app.add_middleware(MetricsMiddleware)`; records nothing until `install()` was called."""
+    """`app.add_middleware(MetricsMiddleware, metrics=...)`, added last so it runs first.
 
-    def __init__(self, app: ASGIApp) -> None:
+    NOTE: `metrics` is a callable (None until the router is constructed): Serve serves a frozen
+    copy of the FastAPI app, which the router's constructor cannot configure.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Callable[[], RouterMetrics | None]) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        metrics = _installed
+        metrics = self.metrics()
         tier = metrics.tier_of(_app_path(scope)) if metrics is not None and scope["type"] == "http" else None
         if tier is None:
             await self.app(scope, receive, send)
@@ -102,8 +93,9 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, watch_receive, watch_send)
-        except asyncio.CancelledError:
-            # Serve cancels the call when the client goes away.
+        except (asyncio.CancelledError, TaskCancelledError):
+            # Serve cancels the call when the client goes away: inside Ray's calls as a task
+            # cancellation, elsewhere as asyncio's.
             disconnected = disconnected or not complete
             raise
         except Exception:

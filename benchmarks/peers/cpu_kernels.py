@@ -6,15 +6,21 @@ Measures many ways of multiplying activations by weights with torch on CPU
 weight-only), the MoE expert selection at M=1, whole expert MLPs and the fixed
 per-call overheads of small torch ops.
 
-Weights are replicated into a pool of copies whose total size is at least
---pool-mb (default 1024 MiB, larger than the L3 the VM reports) and the copies
-are used round-robin, so every call streams its weight from DRAM as in a real
-decode step (0.46 GB of active weights per token at batch 1).
+Weights are replicated into pools of copies (--pool-mb in total, default 1 GiB,
+more than the L3 the VM reports) used round-robin, so every call streams its
+weight from DRAM as in a real decode step (0.46 GB of active weights per token
+at batch 1).
 
-Reported per call: median ms, effective GB/s = weight bytes read / time
-(bytes of the stored weight format incl. scales), and the relative error of
-the output against an fp64 reference computed with the unquantised fp32
-weight (so quantised formats show their quantisation error).
+The machine may be shared with other jobs. So, for each (shape, M) all candidate
+methods are timed INTERLEAVED (round after round, one call of each method per
+round, each call timed alone) so that they see the same noise, and both the
+minimum and the median per-call time are reported. Trust the minimum (best
+achievable), read the median as "under the load that was there".
+
+Reported per call: ms (min / median), effective GB/s = weight bytes read / min
+time (bytes of the stored weight format incl. scales), and the relative error of
+the output against an fp64 reference computed with the unquantised fp32 weight
+(so quantised formats show their quantisation error).
 
 Examples:
   python benchmarks/peers/cpu_kernels.py                       # everything
@@ -63,7 +69,7 @@ def procs_running() -> int:
     return 0
 
 
-QUIET = {"max_wait": 0.0, "last_busy": 0}
+QUIET = {"max_wait": 0.0, "last_busy": 0, "gate_busy": 0, "gate_max_s": 2.0, "gate_factor": 20.0}
 
 
 def wait_quiet(max_wait: float) -> int:
@@ -79,6 +85,16 @@ def wait_quiet(max_wait: float) -> int:
             QUIET["last_busy"] = busy
             return busy
         time.sleep(0.1)
+
+
+def gate() -> None:
+    """Block until at most QUIET['gate_busy'] other threads are runnable (or QUIET['gate_max_s'] passed)."""
+    limit = QUIET["gate_busy"]
+    if limit < 0:
+        return
+    t_end = time.perf_counter() + QUIET["gate_max_s"]
+    while procs_running() - 1 > limit and time.perf_counter() < t_end:
+        time.sleep(0.005)
 
 
 def bench(calls: list[Callable[[], object]], div: int, min_time: float, min_reps: int = 5,
@@ -97,6 +113,7 @@ def bench(calls: list[Callable[[], object]], div: int, min_time: float, min_reps
     i = 0
     while True:
         c = calls[i % n]
+        gate()
         t0 = time.perf_counter()
         c()
         times.append((time.perf_counter() - t0) / div)
@@ -106,6 +123,58 @@ def bench(calls: list[Callable[[], object]], div: int, min_time: float, min_reps
         if len(times) >= max(min_reps, min(n, 2 * n)) and time.perf_counter() - t_start >= min_time:
             break
     return min(times), statistics.median(times)
+
+
+@dataclass
+class Entry:
+    """One candidate in an interleaved session."""
+    row: "Row"
+    calls: list  # callables, one per weight copy (or one per compiled multi-copy graph)
+    div: int  # kernel calls made by one callable
+    nbytes: int  # weight bytes read per kernel call
+    samples: list = field(default_factory=list)
+    est: float = 0.0
+
+
+def interleave(entries: list[Entry], time_per_entry: float, min_rounds: int = 5, slow_s: float = 0.25,
+               target_s: float = 0.002) -> None:
+    """Time all entries round-robin; fills row.ms/ms_med/gbs/busy."""
+    if not entries:
+        return
+    busy = wait_quiet(QUIET["max_wait"])
+    for e in entries:  # warm-up: every copy once, and a per-call estimate
+        t0 = time.perf_counter()
+        for c in e.calls:
+            c()
+        e.est = (time.perf_counter() - t0) / len(e.calls)
+    budget = time_per_entry * len(entries)
+    t_start = time.perf_counter()
+    wall_cap = t_start + QUIET["gate_factor"] * budget
+    measured = 0.0
+    rnd = 0
+    pos = {id(e): 0 for e in entries}
+    while True:
+        for e in entries:
+            if e.est > slow_s and rnd >= min_rounds:
+                continue  # very slow candidates: only min_rounds samples
+            reps = max(1, min(16, int(target_s / max(e.est, 1e-7))))
+            for _ in range(reps):
+                gate()  # shared machine: sample only while (almost) nobody else is runnable
+                c = e.calls[pos[id(e)] % len(e.calls)]
+                pos[id(e)] += 1
+                t0 = time.perf_counter()
+                c()
+                dt = time.perf_counter() - t0
+                measured += dt
+                e.samples.append(dt / e.div)
+        rnd += 1
+        if rnd >= min_rounds and (measured >= budget or time.perf_counter() >= wall_cap):
+            break
+    for e in entries:
+        mn, md = min(e.samples), statistics.median(e.samples)
+        e.row.ms, e.row.ms_med, e.row.busy = mn * 1e3, md * 1e3, busy
+        e.row.gbs = e.nbytes / mn / 1e9 if e.nbytes else None
+        e.row.copies = e.row.copies or len(e.calls) * e.div
 
 
 def read_probe(mb: int = 1024) -> float:
@@ -227,6 +296,17 @@ def build_methods() -> list[Method]:
                          lambda x, wp: torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], ""),
                          lambda st: _nb(*st), depends_on_m=True,
                          note="mkldnn._reorder_linear_weight(W, M) + mkldnn._linear_pointwise"))
+    for lab, dt in (("fp32", FP32), ("bf16", BF16)):  # one packing for every batch size (what a server needs)
+        ms.append(Method(f"mkldnn_packed1_{lab}", lab, dt,
+                         lambda w, M, dt=dt: (torch.ops.mkldnn._reorder_linear_weight(w.to(dt, copy=True), 1),),
+                         lambda x, wp: torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], ""),
+                         lambda st: _nb(*st),
+                         note="as mkldnn_packed but packed once with batch_size=1, used for every M"))
+        ms.append(Method(f"mkldnn_packedNone_{lab}", lab, dt,
+                         lambda w, M, dt=dt: (torch.ops.mkldnn._reorder_linear_weight(w.to(dt, copy=True)),),
+                         lambda x, wp: torch.ops.mkldnn._linear_pointwise(x, wp, None, "none", [], ""),
+                         lambda st: _nb(*st),
+                         note="as mkldnn_packed but packed with batch_size=None"))
     ms.append(Method("mkl_packed_fp32", "fp32", FP32,
                      lambda w, M: (torch.ops.mkl._mkl_reorder_linear_weight(w.clone(), M), w.clone()),
                      lambda x, wp, wo: torch.ops.mkl._mkl_linear(x, wp, wo, None, x.shape[0]),
@@ -319,74 +399,72 @@ def compile_fn(fn, mode: str):
     return torch.compile(fn, mode=m, dynamic=False, fullgraph=True)
 
 
+def _fail(row: "Row", e: Exception) -> "Row":
+    msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+    row.note = f"FAILED: {type(e).__name__}: {msg}"
+    return row
+
+
+def build_linear_entry(meth: Method, master: torch.Tensor, M: int, x32: torch.Tensor, ref: torch.Tensor,
+                       per_pool: int, compile_copies: int, row: "Row") -> Entry:
+    N, K = master.shape
+    st0 = meth.prepare(master, M)
+    nb = N * K + 4 * N if meth.name.startswith("qdyn") else meth.nbytes(st0)  # qdyn: opaque packed params
+    if nb <= 0:
+        raise RuntimeError("could not size weight")
+    min_copies = 1 if nb >= 64 * 2**20 else 2
+    ncopy = max(min_copies, min(meth.max_copies, 4096, -(-per_pool // nb)))
+    if meth.compile_mode and "freeze" in meth.compile_mode:
+        ncopy = min(ncopy, compile_copies)
+    states = [st0] + [meth.prepare(master, M) for _ in range(ncopy - 1)]
+    x = x32.to(meth.xdtype)
+    if meth.compile_mode is None:
+        calls, div = [partial(meth.run, x, *st) for st in states], 1
+    elif "freeze" in meth.compile_mode:
+        cf = compile_fn(MultiLinear(meth.run, states).eval(), meth.compile_mode)
+        t0 = time.perf_counter()
+        cf(x)
+        row.compile_s = time.perf_counter() - t0
+        calls, div = [partial(cf, x)], len(states)
+    else:
+        cf = compile_fn(meth.run, meth.compile_mode)
+        t0 = time.perf_counter()
+        cf(x, *states[0])
+        row.compile_s = time.perf_counter() - t0
+        calls, div = [partial(cf, x, *st) for st in states], 1
+    y = calls[0]()
+    row.err = rel_err(y[0] if isinstance(y, (list, tuple)) else y, ref)
+    row.copies = ncopy
+    row.note = meth.note
+    return Entry(row, calls, div, nb)
+
+
 def run_linear_group(args, methods: list[Method], out: list[Row]):
     gen = torch.Generator().manual_seed(0)
     for sname in args.shapes:
         N, K = SHAPES[sname]
         master = torch.randn(N, K, generator=gen) * 0.02
-        xs = {M: torch.randn(M, K, generator=gen) for M in args.M}
-        refs = {M: xs[M].double() @ master.double().t() for M in args.M}
-        for meth in methods:
-            states = None
-            for M in args.M:
-                if M > meth.m_max:
-                    continue
-                row = Row("linear", f"{sname} {N}x{K}", M, meth.wdtype, meth.name, None, None, None, note="")
+        for M in args.M:
+            x32 = torch.randn(M, K, generator=gen)
+            ref = x32.double() @ master.double().t()
+            ms = [m for m in methods if M <= m.m_max]
+            per_pool = args.pool_mb * 2**20 // max(1, len(ms))
+            entries, rows = [], []
+            for meth in ms:
+                row = Row("linear", f"{sname} {N}x{K}", M, meth.wdtype, meth.name, None, None, None)
+                rows.append(row)
                 try:
-                    if states is None or meth.depends_on_m:
-                        states = None
-                        gc.collect()
-                        st0 = meth.prepare(master, M)
-                        nb = meth.nbytes(st0)
-                        if meth.name.startswith("qdyn"):  # opaque packed params: int8 [N,K] + fp32 scales
-                            nb = N * K + 4 * N
-                        if nb <= 0:
-                            raise RuntimeError("could not size weight")
-                        ncopy = max(1, min(meth.max_copies, 4096, -(-args.pool_mb * 2**20 // nb)))
-                        states = [st0] + [meth.prepare(master, M) for _ in range(ncopy - 1)]
-                    x = xs[M].to(meth.xdtype)
-                    if meth.compile_mode is None:
-                        run = meth.run
-
-                        def fn(states=states, x=x, run=run):
-                            return [run(x, *st) for st in states]
-                        calls, div = [partial(run, x, *st) for st in states], 1
-                        compile_s = None
-                    elif "freeze" in meth.compile_mode:
-                        torch._dynamo.reset()
-                        mod = MultiLinear(meth.run, states).eval()
-                        cf = compile_fn(mod, meth.compile_mode)
-                        t0 = time.perf_counter()
-                        cf(x)
-                        compile_s = time.perf_counter() - t0
-
-                        def fn(cf=cf, x=x):
-                            return cf(x)
-                        calls, div = [fn], len(states)
-                    else:
-                        torch._dynamo.reset()
-                        cf = compile_fn(meth.run, meth.compile_mode)
-                        t0 = time.perf_counter()
-                        cf(x, *states[0])
-                        compile_s = time.perf_counter() - t0
-
-                        def fn(states=states, x=x, cf=cf):
-                            return [cf(x, *st) for st in states]
-                        calls, div = [partial(cf, x, *st) for st in states], 1
-                    y0 = fn()[0]
-                    err = rel_err(y0, refs[M])
-                    sec, med = bench(calls, div, args.min_time)
-                    row.ms, row.gbs, row.err, row.copies = sec * 1e3, nb / sec / 1e9, err, len(states)
-                    row.ms_med, row.busy = med * 1e3, QUIET["last_busy"]
-                    row.compile_s = compile_s
-                    row.note = meth.note
-                except Exception as e:  # record failures, keep going
-                    row.note = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
+                    pass  # no torch._dynamo.reset() here: it would drop the entries compiled before
+                    entries.append(build_linear_entry(meth, master, M, x32, ref, per_pool, args.compile_copies, row))
+                except Exception as e:
+                    _fail(row, e)
+            interleave(entries, args.min_time)
+            for row in rows:
                 out.append(row)
                 print_row(row, flush=True)
-            states = None
+            del entries
+            torch._dynamo.reset()
             gc.collect()
-        torch._dynamo.reset()
 
 
 # --------------------------------------------------------------------------- #
@@ -425,7 +503,6 @@ def run_mlp_group(args, out: list[Row]):
         ref = mlp_eager(x32.double(), w1.double(), w3.double(), w2.double())
         for lab, dt in (("bf16", BF16), ("fp32", FP32)):
             nb = 3 * I * D * torch.empty((), dtype=dt).element_size()
-            ncopy = max(1, -(-args.pool_mb * 2**20 // nb))
             x = x32.to(dt)
             variants = [
                 ("eager_w1_w3_w2", None, lambda: (w1.to(dt, copy=True), w3.to(dt, copy=True), w2.to(dt, copy=True)), mlp_eager),
@@ -439,43 +516,40 @@ def run_mlp_group(args, out: list[Row]):
             for mode in ("default", "freeze", "max-autotune", "freeze-max-autotune"):
                 variants.append((f"compile_{mode}_w1_w3_w2", mode,
                                  lambda: (w1.to(dt, copy=True), w3.to(dt, copy=True), w2.to(dt, copy=True)), mlp_eager))
+            per_pool = args.pool_mb * 2**20 // len(variants)
+            ncopy = max(2, -(-per_pool // nb))
+            entries, rows = [], []
             for name, mode, prep, fn_ in variants:
                 row = Row("mlp", f"expert MLP 3x{I}x{D}", M, lab, name, None, None, None)
+                rows.append(row)
                 try:
-                    gc.collect()
+                    pass  # (see run_linear_group: no reset between entries)
                     k = ncopy if (mode is None or "freeze" not in mode) else min(ncopy, args.compile_copies)
                     states = [prep() for _ in range(k)]
-                    compile_s = None
                     if mode is None:
-                        def fn(states=states, x=x, fn_=fn_):
-                            return [fn_(x, *st) for st in states]
                         calls, div = [partial(fn_, x, *st) for st in states], 1
                     elif "freeze" in mode:
-                        torch._dynamo.reset()
                         cf = compile_fn(MultiLinear(fn_, states).eval(), mode)
-                        t0 = time.perf_counter(); cf(x); compile_s = time.perf_counter() - t0
-
-                        def fn(cf=cf, x=x):
-                            return cf(x)
-                        calls, div = [fn], len(states)
+                        t0 = time.perf_counter(); cf(x); row.compile_s = time.perf_counter() - t0
+                        calls, div = [partial(cf, x)], len(states)
                     else:
-                        torch._dynamo.reset()
                         cf = compile_fn(fn_, mode)
-                        t0 = time.perf_counter(); cf(x, *states[0]); compile_s = time.perf_counter() - t0
-
-                        def fn(states=states, x=x, cf=cf):
-                            return [cf(x, *st) for st in states]
+                        t0 = time.perf_counter(); cf(x, *states[0]); row.compile_s = time.perf_counter() - t0
                         calls, div = [partial(cf, x, *st) for st in states], 1
-                    err = rel_err(fn()[0], ref)
-                    sec, med = bench(calls, div, args.min_time)
-                    row.ms, row.gbs, row.err, row.copies, row.compile_s = sec * 1e3, nb / sec / 1e9, err, len(states), compile_s
-                    row.ms_med, row.busy = med * 1e3, QUIET["last_busy"]
+                    y = calls[0]()
+                    row.err = rel_err(y[0] if isinstance(y, (list, tuple)) else y, ref)
+                    row.copies = k
+                    entries.append(Entry(row, calls, div, nb))
                 except Exception as e:
-                    row.note = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
+                    _fail(row, e)
+                states = None
+            interleave(entries, args.min_time)
+            for row in rows:
                 out.append(row)
                 print_row(row, flush=True)
-                states = None
-        torch._dynamo.reset()
+            del entries
+            torch._dynamo.reset()
+            gc.collect()
 
 
 # --------------------------------------------------------------------------- #
@@ -527,7 +601,6 @@ def run_moe_group(args, out: list[Row]):
         esz = torch.empty((), dtype=dt).element_size()
         layer_bytes = E * 3 * I * D * esz
         nread = topk * 3 * I * D * esz
-        ncopy = max(2, -(-args.pool_mb * 2**20 // layer_bytes))
         x = x32.to(dt)
         variants = [
             ("loop_index_w13[e]_F.linear", moe_loop, lambda: (w13m.to(dt), w2m.to(dt))),
@@ -537,6 +610,7 @@ def run_moe_group(args, out: list[Row]):
              lambda: ([torch.ops.mkldnn._reorder_linear_weight(w13m[e].to(dt), 1) for e in range(E)],
                       [torch.ops.mkldnn._reorder_linear_weight(w2m[e].to(dt), 1) for e in range(E)])),
         ]
+        ncopy = max(2, -(-args.pool_mb * 2**20 // len(variants) // layer_bytes))
         g2 = torch.Generator().manual_seed(3)
         routes = []
         for _ in range(ncopy):
@@ -545,26 +619,26 @@ def run_moe_group(args, out: list[Row]):
             routes.append((idx, wts))
         idx0, wts0 = routes[0]
         ref = moe_loop(x32.double(), idx0, wts0.double(), w13m.double(), w2m.double())
+        entries, rows = [], []
         for name, fn_, prep in variants:
             row = Row("moe", f"MoE E=8 top2 (w13 {2*I}x{D}, w2 {D}x{I})", 1, lab, name, None, None, None)
+            rows.append(row)
             try:
-                gc.collect()
                 states = [prep() for _ in range(ncopy)]
-
-                def fn(states=states, x=x, fn_=fn_):
-                    return [fn_(x, r[0], r[1], *st) for r, st in zip(routes, states)]
-                err = rel_err(fn()[0], ref)
                 calls = [partial(fn_, x, r[0], r[1], *st) for r, st in zip(routes, states)]
-                sec, med = bench(calls, 1, args.min_time)
-                row.ms, row.gbs, row.err, row.copies = sec * 1e3, nread / sec / 1e9, err, ncopy
-                row.ms_med, row.busy = med * 1e3, QUIET["last_busy"]
+                row.err = rel_err(calls[0](), ref)
+                row.copies = ncopy
                 row.note = "GB/s counts the 2 active experts' weights"
+                entries.append(Entry(row, calls, 1, nread))
             except Exception as e:
-                row.note = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
+                _fail(row, e)
+            states = None
+        interleave(entries, args.min_time)
+        for row in rows:
             out.append(row)
             print_row(row, flush=True)
-            states = None
-            gc.collect()
+        del entries
+        gc.collect()
 
 
 # --------------------------------------------------------------------------- #
@@ -677,9 +751,13 @@ def main(argv=None):
                     help="total size of the rotating weight copies (make it larger than the L3)")
     ap.add_argument("--compile-copies", type=int, default=16,
                     help="max weight copies frozen into one compiled graph (freezing modes)")
-    ap.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per configuration")
+    ap.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per candidate (candidates are interleaved)")
     ap.add_argument("--quiet-wait", type=float, default=20.0,
                     help="shared machine: before each timing wait up to this many s for no other runnable thread")
+    ap.add_argument("--gate-busy", type=int, default=0,
+                    help="shared machine: take a sample only when at most this many other threads are runnable "
+                         "(/proc/stat procs_running); -1 disables the gate")
+    ap.add_argument("--gate-max-s", type=float, default=2.0, help="max wait of the gate per sample")
     ap.add_argument("--json", help="append rows as JSON lines to this file")
     ap.add_argument("--markdown", help="write the table + summary to this markdown file")
     ap.add_argument("--list", action="store_true", help="list linear methods and exit")
@@ -693,6 +771,7 @@ def main(argv=None):
             print(f"{m.name:42s} {m.note}")
         return
     QUIET["max_wait"] = args.quiet_wait
+    QUIET["gate_busy"], QUIET["gate_max_s"] = args.gate_busy, args.gate_max_s
     torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = 1024
     torch._dynamo.config.accumulated_cache_size_limit = 4096
