@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.linear import Linear  # noqa: E402
-from engine.moe import fused_moe, select_experts  # noqa: E402
+from engine.moe import fused_moe, make_experts, select_experts  # noqa: E402
 from engine.quant import fp8_linear, quantize_fp8  # noqa: E402
 
 # ---- GPU: Triton kernel vs the PyTorch path -------------------------------------------------
@@ -75,11 +75,11 @@ def run_gpu(tokens: list[int], sweep: bool) -> None:
     for t in tokens:
         x = torch.randn(t, D, device=dev, generator=gen).to(torch.bfloat16)  # [T, D]
         weights, ids = select_experts(torch.randn(t, E, device=dev, generator=gen), TOP_K)  # [T, k]
-        gate_up, down = [Linear(w) for w in w13], [Linear(w) for w in w2]  # the torch path's per-expert views
-        ref = fused_moe(x, gate_up, down, weights, ids).float()  # [T, D]
+        experts = make_experts(w13, w2)  # the torch path's per-expert views
+        ref = fused_moe(x, experts, weights, ids).float()  # [T, D]
         flops = 2 * t * TOP_K * 3 * D * I
         paths: list[tuple[str, float, Callable[[], torch.Tensor]]] = [
-            ("torch bf16", 2, lambda: fused_moe(x, gate_up, down, weights, ids)),
+            ("torch bf16", 2, lambda: fused_moe(x, experts, weights, ids)),
             ("triton bf16", 2, lambda: fused_moe_triton(x, w13, w2, weights, ids)),
             ("triton fp8 w8a8", 1, lambda: fused_moe_triton(x, w13_8, w2_8, weights, ids, s13, s2)),
             ("triton fp8 w8a16", 1,

@@ -32,6 +32,7 @@ def engine_config(model: Path | None, tier: TierConfig, chat_template: str) -> E
         tensor_parallel_size=e.tensor_parallel_size,
         quantization=e.quantization,
         fp8_per_channel=e.fp8_per_channel,
+        moe_backend=e.moe_backend,
         chat_template=chat_template,
         seed=e.seed,
         cache=CacheConfig(

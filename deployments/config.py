@@ -55,6 +55,8 @@ class EngineSettings(_Strict):
     tensor_parallel_size: int = Field(1, ge=1)
     quantization: Literal["fp8"] | None = None
     fp8_per_channel: bool = True
+    # "auto": the Triton fused-MoE kernel on GPUs (fp8 experts stay fp8), PyTorch matmuls on CPUs.
+    moe_backend: Literal["auto", "torch", "triton"] = "auto"
 
 
 class TierTuning(_Strict):

@@ -1,6 +1,7 @@
 """Fused mixture-of-experts for GPUs: tokens sorted by expert, one grouped Triton GEMM per projection.
 
-`fused_moe_triton` has `engine.moe.fused_moe`'s signature plus optional fp8 scales:
+`fused_moe_triton` computes what `engine.moe.fused_moe` does, over the stacked weights `w13 [E, 2I, D]`
+and `w2 [E, D, I]`, with optional fp8 scales:
 
 1. `moe_align_block_size` sorts the T*k (token, slot) pairs by expert and pads every expert's
    run to a multiple of BLOCK_M, so each BLOCK_M row-tile of the sorted order belongs to one expert;

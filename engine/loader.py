@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from engine.model import Mixtral
+from engine.model import Mixtral, MoEBackend
 from engine.parallel import TPGroup, check_tp_size
-from engine.quant import FP8, dequantize_fp8, is_quantised, quantize_fp8, split_fp8_name
+from engine.quant import dequantize_fp8, is_quantised, quantize_fp8, read_fp8_config, row_scales, split_fp8_name
 from engine.model_config import CheckpointFormat, ModelConfig, load_model_config
 from engine.weight_names import hf_tensor_shapes, mistral_to_hf, permute_mistral_to_hf, rotary_heads
 
@@ -73,18 +73,29 @@ def _read(handle: Any, key: str, shard: tuple[int, int, int] | None) -> torch.Te
     return sl[start:stop] if dim == 0 else sl[:, start:stop]
 
 
-def _dequantized(
-    where: dict[str, Any], key: str, w8: torch.Tensor, shard: tuple[int, int, int] | None
-) -> torch.Tensor:
-    """A pre-quantised fp8 slice times its checkpoint scale (per tensor, or this slice's rows)."""
+def _checkpoint_scale(where: dict[str, Any], key: str) -> torch.Tensor:
+    """The stored scale of pre-quantised fp8 tensor `key`."""
     base = key.removesuffix(".weight")
     scale_key = next((base + s for s in (".weight_scale", ".qscale_weight") if base + s in where), None)
     if scale_key is None:
         raise CheckpointError(f"fp8 tensor {key!r} has no weight_scale / qscale_weight beside it")
-    scale = where[scale_key].get_tensor(scale_key).float().reshape(-1)
-    if scale.numel() > 1 and shard is not None and shard[0] == 0:
-        scale = scale[shard[1] : shard[2]]
-    return dequantize_fp8(w8, scale if scale.numel() > 1 else scale[0], torch.float32)
+    return where[scale_key].get_tensor(scale_key)
+
+
+def _fp8_slice(
+    handle: Any, where: dict[str, Any], key: str, shard: tuple[int, int, int] | None, per_channel: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's slice of weight `key` in fp8 and its per-row scales [rows]: stored fp8 as it is,
+    else quantised from the whole tensor (scales as a checkpoint's would be), then sliced."""
+    if handle.get_slice(key).get_dtype() == "F8_E4M3":
+        w8, scale = _read(handle, key, shard), _checkpoint_scale(where, key)
+        rows = row_scales(scale, handle.get_slice(key).get_shape()[0])  # [N]
+    else:
+        full8, scale = quantize_fp8(handle.get_tensor(key), per_channel)
+        w8, rows = _read(_Whole(full8), key, shard), row_scales(scale, full8.shape[0])  # [N]
+    if shard is not None and shard[0] == 0:
+        rows = rows[shard[1] : shard[2]]
+    return w8, rows
 
 
 def load_weights(
@@ -97,10 +108,12 @@ def load_weights(
 ) -> None:
     """Fills every parameter of `model` (this rank's slices) from the checkpoint.
 
-    NOTE: fp8 runs as fp8-rounded weights in the compute dtype: on CPU converting fp8 inside the
-    matmul costs more than the bytes it saves (engine/quant.py), so pre-quantised checkpoints are
-    dequantised here and `quantization="fp8"` quantises each checkpoint tensor on its own, as fp8
-    checkpoints are written, so both give the same model. Static activation scales are not used.
+    fp8: `quantization="fp8"` quantises each checkpoint tensor on its own, as fp8 checkpoints
+    are written, so both give the same model. Expert weights stay fp8 (with per-row scales) where
+    the model's MoE kernel reads fp8 (the Triton kernel on GPUs); everywhere else they run as
+    fp8-rounded weights in the compute dtype.
+    NOTE: on CPU converting fp8 inside the matmul costs more than the bytes it saves
+    (engine/quant.py), so there fp8 is dequantised here. Static activation scales are not used.
     """
     cfg = model.cfg
     expected = hf_tensor_shapes(cfg)
@@ -125,14 +138,17 @@ def load_weights(
                 if hf_name in seen:
                     raise CheckpointError(f"tensor {key!r} appears twice (again in {path})")
                 shard = model.local.shard(hf_name, cfg)
-                if quantization == "fp8" and is_quantised(hf_name) and handle.get_slice(key).get_dtype() != "F8_E4M3":
-                    # Scales come from the whole tensor (as a checkpoint's would), then this rank's slice.
-                    full = dequantize_fp8(*quantize_fp8(handle.get_tensor(key), per_channel), torch.float32)
-                    tensor = _read(_Whole(full), key, shard)
+                is_fp8 = handle.get_slice(key).get_dtype() == "F8_E4M3"
+                if (is_fp8 or quantization == "fp8") and is_quantised(hf_name):
+                    w8, rows = _fp8_slice(handle, where, key, shard, per_channel)  # [N', K'], [N']
+                    if model.holds_fp8(hf_name):
+                        model.weight_slot(hf_name).copy_(w8)
+                        model.scale_slot(hf_name).copy_(rows)
+                        seen.add(hf_name)
+                        continue
+                    tensor = dequantize_fp8(w8, rows, torch.float32)
                 else:
                     tensor = _read(handle, key, shard)
-                    if tensor.dtype == FP8:
-                        tensor = _dequantized(where, key, tensor, shard)
                 if fmt == "mistral" and rotary_heads(hf_name, cfg) is not None:
                     tensor = permute_mistral_to_hf(tensor, tensor.shape[0] // cfg.head_dim)
                 model.weight_slot(hf_name).copy_(tensor)
@@ -154,12 +170,14 @@ def load_model(
     tp: TPGroup | None = None,
     quantization: Quantization = None,
     per_channel: bool = False,
+    moe_backend: MoEBackend = "torch",
 ) -> tuple[Mixtral, ModelConfig]:
     """The model, or with `tp` this rank's shard of it (each rank reads only its own slices)."""
     model_dir = Path(model_dir)
     cfg, fmt = load_model_config(model_dir)
     if tp is not None:
         check_tp_size(cfg, tp.world_size)
-    model = Mixtral(cfg, dtype, tp)
+    fp8 = quantization == "fp8" or read_fp8_config(model_dir) is not None
+    model = Mixtral(cfg, dtype, tp, moe_backend, fp8_experts=fp8 and moe_backend == "triton")
     load_weights(model, model_dir, fmt, progress, quantization, per_channel)
     return model.eval(), cfg

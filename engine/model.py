@@ -8,6 +8,7 @@ tensor by tensor (`weight_slot`).
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,13 @@ from torch import nn
 from engine.attention import AttentionMetadata, paged_attention
 from engine.linear import Linear
 from engine.model_config import ModelConfig
-from engine.moe import fused_moe, select_experts
+from engine.moe import Expert, fused_moe, make_experts, select_experts
 from engine.parallel import LocalShape, TPGroup
+from engine.quant import FP8
+
+
+MoEBackend = Literal["torch", "triton"]
+_EXPERT_WEIGHT = re.compile(r"\.experts\.\d+\.w[123]\.weight$")
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -33,11 +39,11 @@ def _prepared(param: nn.Parameter) -> Linear:
     return linear
 
 
-def _prepared_experts(param: nn.Parameter) -> list[Linear]:
-    linears = [Linear(param.data[e]) for e in range(param.shape[0])]
-    if linears[0].packed is not None:
-        param.data = param.data.new_empty(0)
-    return linears
+def _prepared_experts(w13: nn.Parameter, w2: nn.Parameter) -> list[Expert]:
+    experts = make_experts(w13.data, w2.data)
+    if experts[0].down.packed is not None:
+        w13.data, w2.data = w13.data.new_empty(0), w2.data.new_empty(0)
+    return experts
 
 
 class RMSNorm(nn.Module):
@@ -107,51 +113,83 @@ class Attention(nn.Module):
 
 
 class MoE(nn.Module):
-    """Every expert, with this rank's slice of its intermediate dimension."""
+    """Every expert, with this rank's slice of its intermediate dimension.
 
-    def __init__(self, cfg: ModelConfig, local: LocalShape, tp: TPGroup, dtype: torch.dtype) -> None:
+    Backends: "torch" runs `engine.moe.fused_moe` over per-expert `Linear`s (CPUs); "triton" runs
+    the fused GPU kernel straight over the stacked weights, which it can read in fp8 (`fp8`:
+    weights float8_e4m3fn with one fp32 scale per output row).
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, local: LocalShape, tp: TPGroup, dtype: torch.dtype, backend: MoEBackend, fp8: bool
+    ) -> None:
         super().__init__()
         self.tp = tp
         self.top_k = cfg.num_experts_per_tok
+        self.backend = backend
         e, d, i = cfg.num_local_experts, cfg.hidden_size, local.intermediate
+        wdtype = FP8 if fp8 else dtype
         self.gate = _param(e, d, dtype=dtype)
-        self.w13 = _param(e, 2 * i, d, dtype=dtype)
-        self.w2 = _param(e, d, i, dtype=dtype)
-        self.gate_up: list[Linear] = []  # per expert, set by `Mixtral.prepare`
-        self.down: list[Linear] = []
+        self.w13 = _param(e, 2 * i, d, dtype=wdtype)
+        self.w2 = _param(e, d, i, dtype=wdtype)
+        self.w13_scale = _param(e, 2 * i, dtype=torch.float32) if fp8 else None
+        self.w2_scale = _param(e, d, dtype=torch.float32) if fp8 else None
+        self.experts: list[Expert] = []  # set by `Mixtral.prepare` for the torch backend
+        self.gate_f32 = torch.empty(0)
 
     def prepare(self) -> None:
-        self.gate_up, self.down = _prepared_experts(self.w13), _prepared_experts(self.w2)
+        if self.backend == "torch":
+            self.experts = _prepared_experts(self.w13, self.w2)
+        # NOTE: the router is [E, D], a few KB: an fp32 matmul costs microseconds where a bf16 one
+        # with N = E = 8 falls on a slow CPU path (hundreds of microseconds per layer in a decode
+        # step), and routing in fp32 is at least as accurate.
+        self.gate_f32 = self.gate.data.float()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the block output [T, D] and each token's chosen experts [T, k]."""
-        router_logits = x @ self.gate.t()  # [T, E]
+        router_logits = x.float() @ self.gate_f32.t()  # [T, E] fp32
         weights, ids = select_experts(router_logits, self.top_k)  # [T, k], [T, k]
-        out = fused_moe(x, self.gate_up, self.down, weights, ids)  # [T, D] partial sum over this rank's slice
+        if self.backend == "triton":
+            from engine.fused_moe_triton import fused_moe_triton  # GPU-only dependency, imported on use
+
+            out = fused_moe_triton(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale)  # [T, D]
+        else:
+            out = fused_moe(x, self.experts, weights, ids)  # [T, D] partial sum over this rank's slice
         return self.tp.all_reduce(out), ids
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, local: LocalShape, tp: TPGroup, dtype: torch.dtype) -> None:
+    def __init__(
+        self, cfg: ModelConfig, local: LocalShape, tp: TPGroup, dtype: torch.dtype, backend: MoEBackend, fp8: bool
+    ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.attn = Attention(cfg, local, tp, dtype)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.moe = MoE(cfg, local, tp, dtype)
+        self.moe = MoE(cfg, local, tp, dtype, backend, fp8)
 
 
 class Mixtral(nn.Module):
     """The whole model, or one tensor-parallel rank's share of it (embeddings, norms, router
     and LM head are replicated)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, tp: TPGroup | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        tp: TPGroup | None = None,
+        moe_backend: MoEBackend = "torch",
+        fp8_experts: bool = False,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.tp = tp or TPGroup()
         self.local = LocalShape.of(cfg, self.tp)
+        self.fp8_experts = fp8_experts
         self.embed = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, self.local, self.tp, dtype) for _ in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, self.local, self.tp, dtype, moe_backend, fp8_experts)
+            for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
@@ -190,6 +228,22 @@ class Mixtral(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self.lm_head_proj is not None, "call Mixtral.prepare() after loading"
         return self.lm_head_proj(hidden).float()  # [N, V]
+
+    def holds_fp8(self, hf_name: str) -> bool:
+        """Whether checkpoint weight `hf_name` is kept in fp8 (with `scale_slot`) rather than dequantised."""
+        return self.fp8_experts and _EXPERT_WEIGHT.search(hf_name) is not None
+
+    def scale_slot(self, hf_name: str) -> torch.Tensor:
+        """The per-row fp32 scales [rows] of an fp8 expert weight's slot."""
+        m = re.fullmatch(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight", hf_name)
+        if not m or not self.fp8_experts:
+            raise KeyError(hf_name)
+        moe, expert, which = self.layers[int(m.group(1))].moe, int(m.group(2)), m.group(3)
+        assert moe.w13_scale is not None and moe.w2_scale is not None
+        inter = self.local.intermediate
+        if which == "w2":
+            return moe.w2_scale[expert]
+        return moe.w13_scale[expert, :inter] if which == "w1" else moe.w13_scale[expert, inter:]
 
     def weight_slot(self, hf_name: str) -> torch.Tensor:
         """The view of an engine parameter that holds (this rank's slice of) tensor `hf_name`."""

@@ -193,7 +193,13 @@ def build_runner(config: EngineConfig, tp: TPGroup, eos_id: int) -> ModelRunner:
     dtype = config.torch_dtype(checkpoint_dtype(model_dir))
     with torch.device(device):
         model, cfg = load_model(
-            model_dir, dtype, config.load_progress and tp.rank == 0, tp, config.quantization, config.fp8_per_channel
+            model_dir,
+            dtype,
+            config.load_progress and tp.rank == 0,
+            tp,
+            config.quantization,
+            config.fp8_per_channel,
+            config.resolved_moe_backend(),
         )
         model.prepare()
     block_size = config.cache.block_size

@@ -7,9 +7,9 @@ CPUs, and a GPU kernel plugs in here with the same signature.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from engine.linear import Linear
 
@@ -22,39 +22,54 @@ def select_experts(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tenso
     return weights, ids
 
 
+@dataclass(frozen=True)
+class Expert:
+    """One expert's SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+
+    gate: Linear  # w1 [I, D]
+    up: Linear  # w3 [I, D]
+    down: Linear  # w2 [D, I]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # NOTE: w1 and w3 run as two matmuls with silu and the product fused into them, rather
+        # than one [2I, D] matmul followed by slice, silu and multiply: at decode sizes those
+        # element-wise ops cost as much as the matmuls' own overhead, for the same bytes read.
+        act = self.up.times(x, self.gate.silu(x))  # [n, I]
+        return self.down(act)  # [n, D]
+
+
+def make_experts(w13: torch.Tensor, w2: torch.Tensor) -> list[Expert]:
+    """Per-expert MLPs over stacked weights w13 [E, 2I, D] (w1 rows, then w3 rows) and w2 [E, D, I]."""
+    inter = w2.shape[2]
+    return [Expert(Linear(w13[e, :inter]), Linear(w13[e, inter:]), Linear(w2[e])) for e in range(w2.shape[0])]
+
+
 def fused_moe(
     x: torch.Tensor,  # [T, D]
-    gate_up: Sequence[Linear],  # per expert: W13 [2I, D], gate (w1) rows then up (w3) rows
-    down: Sequence[Linear],  # per expert: W2 [D, I]
+    experts: Sequence[Expert],
     topk_weights: torch.Tensor,  # [T, k] fp32
     topk_ids: torch.Tensor,  # [T, k]
 ) -> torch.Tensor:
-    """sum_k weight_k * w2_e(silu(w1_e x) * w3_e x) for each token's k chosen experts.
+    """sum_k weight_k * expert_k(x) for each token's k chosen experts.
 
     NOTE: tokens are grouped by expert (one stable sort) so each active expert runs one
     matmul over all of its tokens: efficient from batch 1 (two small matmuls) to thousands
     of tokens, with no per-token weight gathers and no loop over tokens.
     """
     num_tokens, top_k = topk_ids.shape
-    inter = gate_up[0].out_features // 2
     # NOTE: the weighted sum over a token's k outputs is a reshape, not an index_add_: it is
     # deterministic, and index_add_ (scatter_add) is slow on CPU for these shapes.
     flat_ids = topk_ids.reshape(-1)  # [T*k]
     order = torch.argsort(flat_ids, stable=True)  # [T*k]
-    counts = torch.bincount(flat_ids, minlength=len(gate_up)).tolist()
-    token_of = order // top_k  # [T*k] source token of each sorted slot
-    xs = x.index_select(0, token_of)  # [T*k, D]
-    out = torch.empty_like(xs)  # [T*k, D]
+    counts = torch.bincount(flat_ids, minlength=len(experts)).tolist()
+    xs = x.index_select(0, order // top_k)  # [T*k, D] each sorted slot's source token
+    outs: list[torch.Tensor] = []
     start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        end = start + count
-        h = gate_up[expert](xs[start:end])  # [n, 2I]
-        act = F.silu(h[:, :inter]) * h[:, inter:]  # [n, I]
-        out[start:end] = down[expert](act)  # [n, D]
-        start = end
-    unsorted = torch.empty_like(out)  # [T*k, D] back in (token, choice) order
-    unsorted[order] = out
+    for expert, count in zip(experts, counts):
+        if count:
+            outs.append(expert(xs[start : start + count]))  # [n, D]
+            start += count
+    unsorted = torch.empty_like(xs)  # [T*k, D] back in (token, choice) order
+    unsorted[order] = torch.cat(outs)
     weighted = unsorted.view(num_tokens, top_k, -1) * topk_weights.to(x.dtype).unsqueeze(-1)  # [T, k, D]
     return weighted.sum(dim=1)  # [T, D]

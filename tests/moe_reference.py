@@ -1,0 +1,38 @@
+"""A plain fp32 loop over experts: the reference every MoE path is tested against."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.quant import quantize_act_fp8
+
+
+def reference_moe(
+    x: torch.Tensor,  # [T, D]
+    w13: torch.Tensor,  # [E, 2I, D]
+    w2: torch.Tensor,  # [E, D, I]
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k]
+    quantize_acts: bool = False,
+) -> torch.Tensor:
+    """fp32 loop over experts; `quantize_acts` rounds each GEMM's input through per-token fp8."""
+
+    def fp8_round(a: torch.Tensor) -> torch.Tensor:
+        a8, scale = quantize_act_fp8(a)
+        return a8.float() * scale
+
+    xf = x.float()
+    out = torch.zeros_like(xf)  # [T, D]
+    inter = w2.shape[2]
+    for e in range(w13.shape[0]):
+        tok, slot = (topk_ids == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        xe = fp8_round(xf[tok]) if quantize_acts else xf[tok]  # [n, D]
+        h = xe @ w13[e].float().t()  # [n, 2I]
+        act = F.silu(h[:, :inter]) * h[:, inter:]  # [n, I]
+        act = fp8_round(act) if quantize_acts else act
+        y = act @ w2[e].float().t()  # [n, D]
+        out.index_add_(0, tok, y * topk_weights[tok, slot, None])
+    return out
