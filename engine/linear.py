@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine.quant import FP8, quantize_act_fp8
+
 # Batch-size hint for oneDNN's reorder: decode steps run a few to a few tens of rows.
 _ONEDNN_BATCH_HINT = 16
 
@@ -20,34 +22,49 @@ def onednn_bf16_available() -> bool:
 
 
 class Linear:
-    """y = x @ W.T for one weight W [N, K], in the fastest layout for where it lives."""
+    """y = x @ W.T for one weight W [N, K], in the fastest layout for where it lives.
 
-    __slots__ = ("weight", "packed", "out_features")
+    An fp8 weight comes with one fp32 scale per output row [N] and runs as `torch._scaled_mm` with
+    activations quantised per token: fp8 tensor cores on GPUs (the CPU kernel is correct but slow,
+    so fp8 reaches CPUs dequantised, engine/loader.py).
+    """
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    __slots__ = ("weight", "packed", "scale", "out_features")
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        if (weight.dtype == FP8) != (scale is not None):
+            raise ValueError("an fp8 weight needs its per-row scales, and only an fp8 weight takes them")
         self.out_features = weight.shape[0]
         self.packed: torch.Tensor | None = None
         self.weight = weight
+        self.scale = None if scale is None else scale.float().view(1, -1)  # [1, N]
         if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and onednn_bf16_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _ONEDNN_BATCH_HINT)
             self.weight = weight.new_empty(0)  # the reordered copy is the only one kept
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._packed(x, "none") if self.packed is not None else x @ self.weight.t()  # [M, N]
+        return self._packed(x, "none") if self.packed is not None else self._plain(x)  # [M, N]
 
     def silu(self, x: torch.Tensor) -> torch.Tensor:
         """silu(x @ W.T), the activation fused into the matmul where the kernel can."""
         if self.packed is not None:
             return self._packed(x, "swish")  # [M, N]
-        return F.silu(x @ self.weight.t())  # [M, N]
+        return F.silu(self._plain(x))  # [M, N]
 
     def times(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         """(x @ W.T) * other, the product fused into the matmul where the kernel can."""
         if self.packed is None:
-            return (x @ self.weight.t()) * other  # [M, N]
+            return self._plain(x) * other  # [M, N]
         if x.shape[0] == 0:
             return x.new_empty(0, self.out_features)
         return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), other, self.packed, None, "mul")  # [M, N]
+
+    def _plain(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            return x @ self.weight.t()  # [M, N]
+        x8, x_scale = quantize_act_fp8(x)  # [M, K] fp8, [M, 1]
+        # The weight's transpose is column-major, the layout the fp8 GEMM wants for its second operand.
+        return torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=self.scale, out_dtype=x.dtype)  # [M, N]
 
     def _packed(self, x: torch.Tensor, post_op: str) -> torch.Tensor:
         assert self.packed is not None

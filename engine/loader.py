@@ -109,9 +109,9 @@ def load_weights(
     """Fills every parameter of `model` (this rank's slices) from the checkpoint.
 
     fp8: `quantization="fp8"` quantises each checkpoint tensor on its own, as fp8 checkpoints
-    are written, so both give the same model. Expert weights stay fp8 (with per-row scales) where
-    the model's MoE kernel reads fp8 (the Triton kernel on GPUs); everywhere else they run as
-    fp8-rounded weights in the compute dtype.
+    are written, so both give the same model. With the Triton MoE backend (GPUs) the weights stay
+    fp8 with per-row scales (experts for the fused kernel, attention for `torch._scaled_mm`);
+    otherwise they run as fp8-rounded weights in the compute dtype.
     NOTE: on CPU converting fp8 inside the matmul costs more than the bytes it saves
     (engine/quant.py), so there fp8 is dequantised here. Static activation scales are not used.
     """
@@ -139,19 +139,20 @@ def load_weights(
                     raise CheckpointError(f"tensor {key!r} appears twice (again in {path})")
                 shard = model.local.shard(hf_name, cfg)
                 is_fp8 = handle.get_slice(key).get_dtype() == "F8_E4M3"
+                rows: torch.Tensor | None = None  # per-row scales [N'] of a weight kept in fp8
                 if (is_fp8 or quantization == "fp8") and is_quantised(hf_name):
-                    w8, rows = _fp8_slice(handle, where, key, shard, per_channel)  # [N', K'], [N']
-                    if model.holds_fp8(hf_name):
-                        model.weight_slot(hf_name).copy_(w8)
-                        model.scale_slot(hf_name).copy_(rows)
-                        seen.add(hf_name)
-                        continue
-                    tensor = dequantize_fp8(w8, rows, torch.float32)
+                    tensor, rows = _fp8_slice(handle, where, key, shard, per_channel)  # [N', K'], [N']
+                    if not model.holds_fp8(hf_name):
+                        tensor, rows = dequantize_fp8(tensor, rows, torch.float32), None
                 else:
                     tensor = _read(handle, key, shard)
                 if fmt == "mistral" and rotary_heads(hf_name, cfg) is not None:
-                    tensor = permute_mistral_to_hf(tensor, tensor.shape[0] // cfg.head_dim)
+                    heads = tensor.shape[0] // cfg.head_dim
+                    tensor = permute_mistral_to_hf(tensor, heads)
+                    rows = None if rows is None else permute_mistral_to_hf(rows[:, None], heads)[:, 0]
                 model.weight_slot(hf_name).copy_(tensor)
+                if rows is not None:
+                    model.scale_slot(hf_name).copy_(rows)
                 seen.add(hf_name)
     missing = [n for n in expected if n not in seen]
     if missing:
@@ -178,6 +179,6 @@ def load_model(
     if tp is not None:
         check_tp_size(cfg, tp.world_size)
     fp8 = quantization == "fp8" or read_fp8_config(model_dir) is not None
-    model = Mixtral(cfg, dtype, tp, moe_backend, fp8_experts=fp8 and moe_backend == "triton")
+    model = Mixtral(cfg, dtype, tp, moe_backend, fp8_weights=fp8 and moe_backend == "triton")
     load_weights(model, model_dir, fmt, progress, quantization, per_channel)
     return model.eval(), cfg

@@ -19,11 +19,10 @@ from engine.linear import Linear
 from engine.model_config import ModelConfig
 from engine.moe import Expert, fused_moe, make_experts, select_experts
 from engine.parallel import LocalShape, TPGroup
-from engine.quant import FP8
+from engine.quant import FP8, is_quantised
 
 
 MoEBackend = Literal["torch", "triton"]
-_EXPERT_WEIGHT = re.compile(r"\.experts\.\d+\.w[123]\.weight$")
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -31,9 +30,9 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
-def _prepared(param: nn.Parameter) -> Linear:
+def _prepared(param: nn.Parameter, scale: nn.Parameter | None = None) -> Linear:
     """The inference layout of a loaded weight; the parameter lets go of a weight that was copied."""
-    linear = Linear(param.data)
+    linear = Linear(param.data, None if scale is None else scale.data)
     if linear.packed is not None:
         param.data = param.data.new_empty(0)
     return linear
@@ -80,19 +79,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """This rank's heads (all of them without tensor parallelism)."""
+    """This rank's heads (all of them without tensor parallelism); `fp8`: projections in fp8 with
+    one fp32 scale per output row."""
 
-    def __init__(self, cfg: ModelConfig, local: LocalShape, tp: TPGroup, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, local: LocalShape, tp: TPGroup, dtype: torch.dtype, fp8: bool) -> None:
         super().__init__()
         self.tp = tp
         self.n_heads, self.n_kv, self.hd = local.n_heads, local.n_kv_heads, cfg.head_dim
-        self.qkv = _param((self.n_heads + 2 * self.n_kv) * self.hd, cfg.hidden_size, dtype=dtype)
-        self.o = _param(cfg.hidden_size, self.n_heads * self.hd, dtype=dtype)
+        wdtype = FP8 if fp8 else dtype
+        qkv_rows = (self.n_heads + 2 * self.n_kv) * self.hd
+        self.qkv = _param(qkv_rows, cfg.hidden_size, dtype=wdtype)
+        self.o = _param(cfg.hidden_size, self.n_heads * self.hd, dtype=wdtype)
+        self.qkv_scale = _param(qkv_rows, dtype=torch.float32) if fp8 else None
+        self.o_scale = _param(cfg.hidden_size, dtype=torch.float32) if fp8 else None
         self.qkv_proj: Linear | None = None  # set by `Mixtral.prepare`
         self.o_proj: Linear | None = None
 
     def prepare(self) -> None:
-        self.qkv_proj, self.o_proj = _prepared(self.qkv), _prepared(self.o)
+        self.qkv_proj, self.o_proj = _prepared(self.qkv, self.qkv_scale), _prepared(self.o, self.o_scale)
 
     def forward(
         self,
@@ -164,7 +168,7 @@ class DecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attn = Attention(cfg, local, tp, dtype)
+        self.attn = Attention(cfg, local, tp, dtype, fp8)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.moe = MoE(cfg, local, tp, dtype, backend, fp8)
 
@@ -179,16 +183,16 @@ class Mixtral(nn.Module):
         dtype: torch.dtype,
         tp: TPGroup | None = None,
         moe_backend: MoEBackend = "torch",
-        fp8_experts: bool = False,
+        fp8_weights: bool = False,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.tp = tp or TPGroup()
         self.local = LocalShape.of(cfg, self.tp)
-        self.fp8_experts = fp8_experts
+        self.fp8_weights = fp8_weights
         self.embed = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, self.local, self.tp, dtype, moe_backend, fp8_experts)
+            DecoderLayer(cfg, self.local, self.tp, dtype, moe_backend, fp8_weights)
             for _ in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -231,22 +235,19 @@ class Mixtral(nn.Module):
 
     def holds_fp8(self, hf_name: str) -> bool:
         """Whether checkpoint weight `hf_name` is kept in fp8 (with `scale_slot`) rather than dequantised."""
-        return self.fp8_experts and _EXPERT_WEIGHT.search(hf_name) is not None
+        return self.fp8_weights and is_quantised(hf_name)
 
     def scale_slot(self, hf_name: str) -> torch.Tensor:
-        """The per-row fp32 scales [rows] of an fp8 expert weight's slot."""
-        m = re.fullmatch(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight", hf_name)
-        if not m or not self.fp8_experts:
+        """The per-row fp32 scales [rows] of an fp8 weight's slot (the rows `weight_slot` returns)."""
+        if not self.holds_fp8(hf_name):
             raise KeyError(hf_name)
-        moe, expert, which = self.layers[int(m.group(1))].moe, int(m.group(2)), m.group(3)
-        assert moe.w13_scale is not None and moe.w2_scale is not None
-        inter = self.local.intermediate
-        if which == "w2":
-            return moe.w2_scale[expert]
-        return moe.w13_scale[expert, :inter] if which == "w1" else moe.w13_scale[expert, inter:]
+        return self._slot(hf_name, scales=True)
 
     def weight_slot(self, hf_name: str) -> torch.Tensor:
         """The view of an engine parameter that holds (this rank's slice of) tensor `hf_name`."""
+        return self._slot(hf_name, scales=False)
+
+    def _slot(self, hf_name: str, scales: bool) -> torch.Tensor:
         if hf_name == "model.embed_tokens.weight":
             return self.embed
         if hf_name == "model.norm.weight":
@@ -257,16 +258,22 @@ class Mixtral(nn.Module):
         if not m or int(m.group(1)) >= len(self.layers):
             raise KeyError(hf_name)
         layer, rest = self.layers[int(m.group(1))], m.group(2)
+        attn, moe = layer.attn, layer.moe
+        # A per-row scale vector is sliced exactly like its weight's rows.
+        qkv, o, w13, w2 = (
+            (attn.qkv_scale, attn.o_scale, moe.w13_scale, moe.w2_scale) if scales else (attn.qkv, attn.o, moe.w13, moe.w2)
+        )
+        assert qkv is not None and o is not None and w13 is not None and w2 is not None
         q, kv = self.local.n_heads * self.cfg.head_dim, self.local.n_kv_heads * self.cfg.head_dim
         inter = self.local.intermediate
         fixed = {
             "input_layernorm": layer.attn_norm.weight,
             "post_attention_layernorm": layer.ffn_norm.weight,
-            "self_attn.q_proj": layer.attn.qkv[:q],
-            "self_attn.k_proj": layer.attn.qkv[q : q + kv],
-            "self_attn.v_proj": layer.attn.qkv[q + kv :],
-            "self_attn.o_proj": layer.attn.o,
-            "block_sparse_moe.gate": layer.moe.gate,
+            "self_attn.q_proj": qkv[:q],
+            "self_attn.k_proj": qkv[q : q + kv],
+            "self_attn.v_proj": qkv[q + kv :],
+            "self_attn.o_proj": o,
+            "block_sparse_moe.gate": moe.gate,
         }
         if rest in fixed:
             return fixed[rest]
@@ -275,5 +282,5 @@ class Mixtral(nn.Module):
             raise KeyError(hf_name)
         expert, which = int(e.group(1)), e.group(2)
         if which == "w2":
-            return layer.moe.w2[expert]
-        return layer.moe.w13[expert, :inter] if which == "w1" else layer.moe.w13[expert, inter:]
+            return w2[expert]
+        return w13[expert, :inter] if which == "w1" else w13[expert, inter:]

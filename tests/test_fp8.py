@@ -72,8 +72,9 @@ def test_fp8_quality_against_bf16_on_bench(tmp_path_factory: pytest.TempPathFact
         kl = (ref.exp() * (ref - dists[name])).sum(-1).mean().item()
         figures[name] = (agree, kl)
         print(f"{name} vs bf16 on bench: top-1 agreement {agree:.1%}, mean KL {kl:.4f} nats")
-    # NOTE: measured 90.6% / 0.039 nats (per channel) and 90.6% / 0.024 (per tensor) on this random
-    # model, where bf16 vs fp32 gives 100% / 0.007: below the 95% agreement hoped for, so the bound
-    # is set at what fp8 achieves here, to catch regressions, not at the hope.
+    # NOTE: measured 90.6% / 0.039 nats (per channel) and 90.6% / 0.024 (per tensor) here; over 256
+    # prompts 92.6% / 0.039 and 93.4% / 0.027, where bf16 itself agrees with fp32 on only 96.9%
+    # (KL 0.008): this random model has many near-ties. Below the 95% hoped for, so the bound is set
+    # at what fp8 achieves, to catch regressions, not at the hope.
     for agree, kl in figures.values():
         assert agree >= 0.85 and kl < 0.06, figures
