@@ -9,7 +9,6 @@ so bf16 weights on CPU are reordered once at start-up and the originals released
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from engine.quant import FP8, quantize_act_fp8
 
@@ -43,21 +42,7 @@ class Linear:
             self.weight = weight.new_empty(0)  # the reordered copy is the only one kept
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._packed(x, "none") if self.packed is not None else self._plain(x)  # [M, N]
-
-    def silu(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(x @ W.T), the activation fused into the matmul where the kernel can."""
-        if self.packed is not None:
-            return self._packed(x, "swish")  # [M, N]
-        return F.silu(self._plain(x))  # [M, N]
-
-    def times(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        """(x @ W.T) * other, the product fused into the matmul where the kernel can."""
-        if self.packed is None:
-            return self._plain(x) * other  # [M, N]
-        if x.shape[0] == 0:
-            return x.new_empty(0, self.out_features)
-        return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), other, self.packed, None, "mul")  # [M, N]
+        return self._packed(x) if self.packed is not None else self._plain(x)  # [M, N]
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale is None:
@@ -66,8 +51,8 @@ class Linear:
         # The weight's transpose is column-major, the layout the fp8 GEMM wants for its second operand.
         return torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=self.scale, out_dtype=x.dtype)  # [M, N]
 
-    def _packed(self, x: torch.Tensor, post_op: str) -> torch.Tensor:
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
         assert self.packed is not None
         if x.shape[0] == 0:
             return x.new_empty(0, self.out_features)
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, post_op, [], "")  # [M, N]
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")  # [M, N]

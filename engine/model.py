@@ -40,7 +40,7 @@ def _prepared(param: nn.Parameter, scale: nn.Parameter | None = None) -> Linear:
 
 def _prepared_experts(w13: nn.Parameter, w2: nn.Parameter) -> list[Expert]:
     experts = make_experts(w13.data, w2.data)
-    if experts[0].down.packed is not None:
+    if experts[0].down.packed is not None:  # the oneDNN copies are the only ones kept
         w13.data, w2.data = w13.data.new_empty(0), w2.data.new_empty(0)
     return experts
 
@@ -52,9 +52,9 @@ class RMSNorm(nn.Module):
         self.weight = _param(dim, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, scale in the model dtype (as the reference does); one fused op.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # [T, D]
-        return self.weight * normed.to(x.dtype)
+        # One fused op; it accumulates in fp32 and rounds once (the reference rounds the
+        # normalised value, then the product: bf16 results differ in the last bit).
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # [T, D]
 
 
 class Rotary(nn.Module):

@@ -11,6 +11,7 @@ import torch
 
 from engine.attention import AttentionMetadata, PrefillChunk
 from engine.config import EngineConfig
+from engine.host_memory import keep_freed_memory
 from engine.loader import load_model
 from engine.model import Mixtral
 from engine.model_config import ModelConfig
@@ -190,6 +191,8 @@ def build_runner(config: EngineConfig, tp: TPGroup, eos_id: int) -> ModelRunner:
     """Loads this rank's model and a KV pool sized from the memory budget (the same on every rank)."""
     model_dir = Path(config.model)
     device = torch.device(config.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     dtype = config.torch_dtype(checkpoint_dtype(model_dir))
     with torch.device(device):
         model, cfg = load_model(
