@@ -56,19 +56,25 @@ def fused_moe(
     of tokens, with no per-token weight gathers and no loop over tokens.
     """
     num_tokens, top_k = topk_ids.shape
+    if num_tokens == 1:
+        # Batch-1 decode: nothing to group, the token's k experts run on it directly (the same
+        # arithmetic as below, without the sort and the scatter back).
+        outs = [experts[e](x) for e in topk_ids[0].tolist()]  # k x [1, D]
+        unsorted = torch.cat(outs)  # [k, D]
+    else:
+        flat_ids = topk_ids.reshape(-1)  # [T*k]
+        order = torch.argsort(flat_ids, stable=True)  # [T*k]
+        counts = torch.bincount(flat_ids, minlength=len(experts)).tolist()
+        xs = x.index_select(0, order // top_k)  # [T*k, D] each sorted slot's source token
+        outs = []
+        start = 0
+        for expert, count in zip(experts, counts):
+            if count:
+                outs.append(expert(xs[start : start + count]))  # [n, D]
+                start += count
+        unsorted = torch.empty_like(xs)  # [T*k, D] back in (token, choice) order
+        unsorted[order] = torch.cat(outs)
     # NOTE: the weighted sum over a token's k outputs is a reshape, not an index_add_: it is
     # deterministic, and index_add_ (scatter_add) is slow on CPU for these shapes.
-    flat_ids = topk_ids.reshape(-1)  # [T*k]
-    order = torch.argsort(flat_ids, stable=True)  # [T*k]
-    counts = torch.bincount(flat_ids, minlength=len(experts)).tolist()
-    xs = x.index_select(0, order // top_k)  # [T*k, D] each sorted slot's source token
-    outs: list[torch.Tensor] = []
-    start = 0
-    for expert, count in zip(experts, counts):
-        if count:
-            outs.append(expert(xs[start : start + count]))  # [n, D]
-            start += count
-    unsorted = torch.empty_like(xs)  # [T*k, D] back in (token, choice) order
-    unsorted[order] = torch.cat(outs)
     weighted = unsorted.view(num_tokens, top_k, -1) * topk_weights.to(x.dtype).unsqueeze(-1)  # [T, k, D]
     return weighted.sum(dim=1)  # [T, D]
