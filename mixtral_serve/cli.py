@@ -22,6 +22,9 @@ if TYPE_CHECKING:  # heavy imports stay out of `--help`
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint folder (default: the embedded tiny random-weight Mixtral)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N")
+    p.add_argument("--moe-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="experts: the Triton fused kernel (GPU default) or PyTorch matmuls (CPU default)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks (local processes on CPU, gloo)")
     p.add_argument("--quantization", choices=["fp8"], help="fp8 weights for attention and experts")
@@ -40,6 +43,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=str(args.model or default_model_dir()),
         dtype=args.dtype,
+        device=args.device,
+        moe_backend=args.moe_backend,
         max_model_len=args.max_model_len,
         tensor_parallel_size=args.tensor_parallel_size,
         quantization=args.quantization,

@@ -32,6 +32,11 @@ def test_make_checkpoint_then_generate_json(tmp_path: Path) -> None:
     ids = subprocess.run([*CLI, "generate", "--model", str(out), "--prompt-token-ids", "1,415,5565",
                           "--max-tokens", "3", "--ignore-eos", "--json"], capture_output=True, text=True, check=True)
     assert json.loads(ids.stdout)["prompt_token_ids"] == [1, 415, 5565]
+    # The GPU expert kernel from the command line (Triton's interpreter on this CPU: conftest's env).
+    triton = subprocess.run([*CLI, "generate", "--model", str(out), "--prompt", "The capital of France is",
+                             "--max-tokens", "12", "--ignore-eos", "--json", "--dtype", "float32",
+                             "--moe-backend", "triton"], capture_output=True, text=True, check=True)
+    assert json.loads(triton.stdout)["token_ids"] == expected.token_ids
 
 
 def test_generate_rejects_overlong_request(tiny_checkpoint: Path) -> None:

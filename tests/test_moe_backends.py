@@ -11,40 +11,27 @@ import torch
 from engine import LLM, SamplingParams
 from engine.checkpoint import PRESETS
 from engine.linear import Linear, onednn_bf16_available
-from engine.moe import fused_moe, make_experts, select_experts
+from engine.moe import fused_moe, make_experts
 from engine.quant import FP8, convert_checkpoint_to_fp8, dequantize_fp8, quantize_act_fp8, quantize_fp8
 from tests.conftest import CheckpointFactory
-from tests.moe_reference import reference_moe
+from tests.moe_reference import moe_problem, reference_moe, rel_err
 
 D, INTER = 128, 256
 PROMPTS = [[1, 2, 3, 4, 5, 6], [1, *range(300, 340)]]
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
 
 
-def _problem(num_tokens: int, num_experts: int, top_k: int) -> tuple[torch.Tensor, ...]:
-    gen = torch.Generator().manual_seed(num_tokens * 100 + num_experts * 10 + top_k)
-    x = torch.randn(num_tokens, D, generator=gen)  # [T, D]
-    w13 = torch.randn(num_experts, 2 * INTER, D, generator=gen) * D**-0.5  # [E, 2I, D]
-    w2 = torch.randn(num_experts, D, INTER, generator=gen) * INTER**-0.5  # [E, D, I]
-    weights, ids = select_experts(torch.randn(num_tokens, num_experts, generator=gen), top_k)  # [T, k]
-    return x, w13, w2, weights, ids
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref).abs().max() / ref.abs().max()).item()
-
-
 @pytest.mark.parametrize("num_tokens", [1, 3, 16, 64, 257])
 @pytest.mark.parametrize(("num_experts", "top_k"), [(8, 2), (4, 1), (6, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_moe_matches_reference(num_tokens: int, num_experts: int, top_k: int, dtype: torch.dtype) -> None:
-    x, w13, w2, weights, ids = _problem(num_tokens, num_experts, top_k)
+    x, w13, w2, weights, ids = moe_problem(num_tokens, num_experts, top_k, D, INTER, seed=num_tokens * 100 + num_experts)
     # The reference gets the weights and inputs rounded to `dtype`, so only the computation differs.
     w13, w2, x = w13.to(dtype), w2.to(dtype), x.to(dtype)
     out = fused_moe(x, make_experts(w13, w2), weights, ids)  # [T, D]
     assert out.dtype == dtype and out.shape == (num_tokens, D)
     ref = reference_moe(x.float(), w13.float(), w2.float(), weights, ids)
-    assert _rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
+    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.skipif(not onednn_bf16_available(), reason="no oneDNN bf16 kernels on this CPU")
@@ -58,7 +45,7 @@ def test_packed_bf16_linear(m: int) -> None:
     got = lin(x)
     assert got.shape == (m, 192) and got.dtype == torch.bfloat16
     if m:
-        assert _rel_err(got, x.float() @ w.float().t()) < 1e-2
+        assert rel_err(got, x.float() @ w.float().t()) < 1e-2
 
 
 def _generate(ckpt: Path, **kw: object) -> tuple[LLM, list[tuple[list[int], list[float]]]]:
@@ -88,7 +75,7 @@ def test_fp8_linear_is_scaled_mm_with_per_token_activations(m: int) -> None:
     want = (x8.float() * x_scale) @ dequantize_fp8(w8, scale).t()  # [M, N]
     got = Linear(w8, scale)(x)
     assert got.shape == (m, 96)
-    assert _rel_err(got, want) < 1e-5
+    assert rel_err(got, want) < 1e-5
     with pytest.raises(ValueError, match="per-row scales"):
         Linear(w8)
 
