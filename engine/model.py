@@ -8,6 +8,7 @@ tensor by tensor (`weight_slot`).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -139,11 +140,16 @@ class MoE(nn.Module):
         self.w13_scale = _param(e, 2 * i, dtype=torch.float32) if fp8 else None
         self.w2_scale = _param(e, d, dtype=torch.float32) if fp8 else None
         self.experts: list[Expert] = []  # set by `Mixtral.prepare` for the torch backend
+        self.triton_moe: Callable[..., torch.Tensor] | None = None  # set by `Mixtral.prepare` for triton
         self.gate_f32 = torch.empty(0)
 
     def prepare(self) -> None:
         if self.backend == "torch":
             self.experts = _prepared_experts(self.w13, self.w2)
+        else:
+            from engine.fused_moe_triton import fused_moe_triton  # GPU-only dependency, imported on use
+
+            self.triton_moe = fused_moe_triton
         # NOTE: the router is [E, D], a few KB: an fp32 matmul costs microseconds where a bf16 one
         # with N = E = 8 falls on a slow CPU path (hundreds of microseconds per layer in a decode
         # step), and routing in fp32 is at least as accurate.
@@ -153,10 +159,8 @@ class MoE(nn.Module):
         """Returns the block output [T, D] and each token's chosen experts [T, k]."""
         router_logits = x.float() @ self.gate_f32.t()  # [T, E] fp32
         weights, ids = select_experts(router_logits, self.top_k)  # [T, k], [T, k]
-        if self.backend == "triton":
-            from engine.fused_moe_triton import fused_moe_triton  # GPU-only dependency, imported on use
-
-            out = fused_moe_triton(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale)  # [T, D]
+        if self.triton_moe is not None:
+            out = self.triton_moe(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale)  # [T, D]
         else:
             out = fused_moe(x, self.experts, weights, ids)  # [T, D] partial sum over this rank's slice
         return self.tp.all_reduce(out), ids
