@@ -234,9 +234,12 @@ async def run_load(send: Sender, workload: Workload, level: LoadLevel, *, num_re
 
             async def worker() -> None:
                 for i in indices:  # shared: each worker takes the next request
-                    if (num_requests is not None and i >= num_requests) or time.perf_counter() >= deadline:
+                    if num_requests is not None and i >= num_requests:
                         return
-                    records.append(await send(workload.request(i), i, t0))
+                    spec = workload.request(i)  # built first: the deadline check is the last step before sending
+                    if time.perf_counter() >= deadline:
+                        return
+                    records.append(await send(spec, i, t0))
                     bar.update()
 
             await asyncio.gather(*(worker() for _ in range(int(level.value))))
