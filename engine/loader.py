@@ -83,13 +83,19 @@ def _checkpoint_scale(where: dict[str, Any], key: str) -> torch.Tensor:
 
 
 def _fp8_slice(
-    handle: Any, where: dict[str, Any], key: str, shard: tuple[int, int, int] | None, per_channel: bool
+    handle: Any,
+    where: dict[str, Any],
+    key: str,
+    rows_total: int,
+    stored_fp8: bool,
+    shard: tuple[int, int, int] | None,
+    per_channel: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's slice of weight `key` in fp8 and its per-row scales [rows]: stored fp8 as it is,
-    else quantised from the whole tensor (scales as a checkpoint's would be), then sliced."""
-    if handle.get_slice(key).get_dtype() == "F8_E4M3":
-        w8, scale = _read(handle, key, shard), _checkpoint_scale(where, key)
-        rows = row_scales(scale, handle.get_slice(key).get_shape()[0])  # [N]
+    """This rank's slice of weight `key` ([rows_total, K] in the file) in fp8 and its per-row
+    scales: stored fp8 as it is, else quantised from the whole tensor (scales as a checkpoint's
+    would be), then sliced."""
+    if stored_fp8:
+        w8, rows = _read(handle, key, shard), row_scales(_checkpoint_scale(where, key), rows_total)  # [N]
     else:
         full8, scale = quantize_fp8(handle.get_tensor(key), per_channel)
         w8, rows = _read(_Whole(full8), key, shard), row_scales(scale, full8.shape[0])  # [N]
@@ -141,7 +147,7 @@ def load_weights(
                 is_fp8 = handle.get_slice(key).get_dtype() == "F8_E4M3"
                 rows: torch.Tensor | None = None  # per-row scales [N'] of a weight kept in fp8
                 if (is_fp8 or quantization == "fp8") and is_quantised(hf_name):
-                    tensor, rows = _fp8_slice(handle, where, key, shard, per_channel)  # [N', K'], [N']
+                    tensor, rows = _fp8_slice(handle, where, key, shape[0], is_fp8, shard, per_channel)  # [N', K'], [N']
                     if not model.holds_fp8(hf_name):
                         tensor, rows = dequantize_fp8(tensor, rows, torch.float32), None
                 else:

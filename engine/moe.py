@@ -1,7 +1,7 @@
 """Mixture-of-experts routing and expert dispatch.
 
-`fused_moe` is the one seam where expert computation happens: the PyTorch path below serves
-CPUs, and a GPU kernel plugs in here with the same signature.
+`fused_moe` is the PyTorch path (CPUs) over per-expert `Linear`s; on GPUs `engine.model.MoE`
+calls the Triton kernel (`engine.fused_moe_triton`) over the stacked weights instead.
 """
 
 from __future__ import annotations
