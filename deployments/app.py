@@ -17,7 +17,7 @@ from deployments.config import ROUTER_DEPLOYMENT, AppConfig, TierConfig
 from deployments.replica import ModelReplica
 from deployments.router import Router, RouterSettings
 from engine.checkpoint import default_model_dir
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.config import CacheConfig, DecodeGraphConfig, EngineConfig, SchedulerConfig
 from engine.model_config import ModelConfig, load_model_config
 
 
@@ -33,6 +33,7 @@ def engine_config(model: Path | None, tier: TierConfig, chat_template: str) -> E
         quantization=e.quantization,
         fp8_per_channel=e.fp8_per_channel,
         moe_backend=e.moe_backend,
+        decode_graphs=DecodeGraphConfig(max_batch=e.cuda_graph_max_batch, max_context=e.cuda_graph_max_context),
         chat_template=chat_template,
         seed=e.seed,
         cache=CacheConfig(

@@ -57,6 +57,10 @@ class EngineSettings(_Strict):
     fp8_per_channel: bool = True
     # "auto": the Triton fused-MoE kernel on GPUs (fp8 experts stay fp8), PyTorch matmuls on CPUs.
     moe_backend: Literal["auto", "torch", "triton"] = "auto"
+    # CUDA graphs replay decode steps of up to this many sequences and context tokens (device
+    # cuda; ignored on CPUs). 0 turns them off.
+    cuda_graph_max_batch: int = Field(64, ge=0)
+    cuda_graph_max_context: int = Field(8192, ge=1)
 
 
 class TierTuning(_Strict):

@@ -40,6 +40,17 @@ class SchedulerConfig(BaseModel):
     target_step_seconds: float | None = Field(None, gt=0)
 
 
+class DecodeGraphConfig(BaseModel):
+    """CUDA graphs for decode steps (engine/decode_graphs.py), on CUDA devices."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Decode batches and contexts up to these sizes replay captured graphs; larger ones run
+    # eagerly. max_batch 0 turns graphs off.
+    max_batch: int = Field(64, ge=0)
+    max_context: int = Field(8192, ge=1)
+
+
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -58,6 +69,7 @@ class EngineConfig(BaseModel):
     seed: int = 0
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    decode_graphs: DecodeGraphConfig = DecodeGraphConfig()
     load_progress: bool = True
 
     @model_validator(mode="after")

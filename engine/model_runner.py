@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from engine.attention import AttentionMetadata, PrefillChunk
-from engine.config import EngineConfig
+from engine.config import DecodeGraphConfig, EngineConfig
+from engine.decode_graphs import DecodeGraphs, DecodeInputs
 from engine.host_memory import keep_freed_memory
 from engine.loader import load_model
 from engine.model import Mixtral
@@ -58,8 +59,17 @@ class StepOutput:
 
 
 class ModelRunner:
+    """`graphs`: pad decode-only steps to buckets and replay them from CUDA graphs (captured on
+    CUDA; on a CPU the padded path runs eagerly)."""
+
     def __init__(
-        self, model: Mixtral, num_blocks: int, block_size: int, device: torch.device, eos_id: int
+        self,
+        model: Mixtral,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        eos_id: int,
+        graphs: DecodeGraphConfig | None = None,
     ) -> None:
         cfg = model.cfg
         self.model = model
@@ -70,12 +80,15 @@ class ModelRunner:
         self.device = device
         self.eos_id = eos_id
         dtype = model.embed.dtype
+        # With graphs, one block more than the block manager is told of: padding rows write there.
+        self.pad_block = num_blocks if graphs is not None else 0
         self.kv_caches = torch.zeros(  # [L, 2, S, KVH, hd]
-            cfg.num_hidden_layers, 2, num_blocks * block_size, model.local.n_kv_heads, cfg.head_dim,
-            dtype=dtype, device=device,
+            cfg.num_hidden_layers, 2, (num_blocks + (graphs is not None)) * block_size, model.local.n_kv_heads,
+            cfg.head_dim, dtype=dtype, device=device,
         )
         self.sampler = Sampler()
         self._block_offsets = torch.arange(block_size, device=device)  # [bs]
+        self.graphs = None if graphs is None else DecodeGraphs(graphs, self._decode_forward, block_size, device)
 
     def _slots(self, block_table: torch.Tensor, length: int) -> torch.Tensor:
         """Cache slots of positions [0, length) for one block table [nb] (or a batch [B, nb])."""
@@ -101,15 +114,9 @@ class ModelRunner:
         slot_parts: list[torch.Tensor] = []
         decode_slots = decode_mask = None
         if decodes:
-            width = max(len(d.block_table) for d in decodes)
-            tables = torch.tensor(  # [B, nb], padded with block 0 (masked out below)
-                [d.block_table + [0] * (width - len(d.block_table)) for d in decodes], device=dev
-            )
-            d_pos = positions[: len(decodes)]  # [B]
-            length = int(d_pos.max()) + 1
-            decode_slots = self._slots(tables, length)  # [B, L]
-            decode_mask = self._window_mask(d_pos, length)[:, None, None, :]  # [B, 1, 1, L]
-            slot_parts.append(decode_slots.gather(1, d_pos[:, None]).squeeze(1))  # [B]
+            d = self._decode_inputs(decodes, len(decodes), max(item.start for item in decodes) + 1)
+            decode_slots, decode_mask = d.context_slots, d.mask
+            slot_parts.append(d.slot_mapping)
         chunks: list[PrefillChunk] = []
         offset = len(decodes)
         for item in items[len(decodes) :]:
@@ -131,9 +138,44 @@ class ModelRunner:
         )
         return input_ids, positions, meta
 
+    def _decode_inputs(self, decodes: list[StepItem], batch: int, length: int) -> DecodeInputs:
+        """Decode rows padded to `batch` rows and `length` context positions.
+
+        Padding rows (token 0 at position 0) see and write only the pad block's first slot; padded
+        context positions point into the pad block and are masked out.
+        """
+        dev, pad, n = self.device, self.pad_block, len(decodes)
+        width = -(-length // self.block_size)
+        tables = torch.tensor(  # [B, nb]
+            [d.block_table[:width] + [pad] * (width - len(d.block_table)) for d in decodes] + [[pad] * width] * (batch - n),
+            device=dev,
+        )
+        positions = torch.tensor([d.start for d in decodes] + [0] * (batch - n), device=dev)  # [B]
+        context_slots = self._slots(tables, length)  # [B, L]
+        return DecodeInputs(
+            input_ids=torch.tensor([d.token_ids[0] for d in decodes] + [0] * (batch - n), device=dev),  # [B]
+            positions=positions,
+            slot_mapping=context_slots.gather(1, positions[:, None]).squeeze(1),  # [B]
+            context_slots=context_slots,
+            mask=self._window_mask(positions, length)[:, None, None, :],  # [B, 1, 1, L]
+        )
+
+    def _decode_forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(input_ids, positions, self.kv_caches, meta)
+
     def _forward(self, items: list[StepItem]) -> tuple[torch.Tensor, torch.Tensor]:
-        input_ids, positions, meta = self._build(items)
-        hidden, routed = self.model(input_ids, positions, self.kv_caches, meta)  # [T, D], [L, T, k]
+        graphs, bucket = self.graphs, None
+        if graphs is not None and all(item.is_decode for item in items):
+            bucket = graphs.bucket(len(items), max(item.start for item in items) + 1)
+        if graphs is not None and bucket is not None:
+            n = len(items)
+            hidden, routed = graphs.run(self._decode_inputs(items, *bucket))  # [B, D], [L, B, k]
+            hidden, routed = hidden[:n], routed[:, :n]  # the padding rows dropped
+        else:
+            input_ids, positions, meta = self._build(items)
+            hidden, routed = self.model(input_ids, positions, self.kv_caches, meta)  # [T, D], [L, T, k]
         n_layers, n_experts = self.cfg.num_hidden_layers, self.cfg.num_local_experts
         offsets = torch.arange(n_layers, device=self.device).view(-1, 1, 1) * n_experts  # [L, 1, 1]
         counts = torch.bincount((routed + offsets).flatten(), minlength=n_layers * n_experts)  # [L * E]
@@ -213,7 +255,10 @@ def build_runner(config: EngineConfig, tp: TPGroup, eos_id: int) -> ModelRunner:
         raise ValueError(f"KV cache budget of {budget} bytes is smaller than one block ({per_block} bytes)")
     log.info("rank %d: KV cache %d blocks x %d tokens (%.1f MiB)", tp.rank, num_blocks, block_size,
              num_blocks * per_block / 2**20)
-    return ModelRunner(model, num_blocks, block_size, device, eos_id)
+    # NOTE: only the Triton MoE can be captured: the torch path reads expert counts on the host.
+    capturable = device.type == "cuda" and config.resolved_moe_backend() == "triton"
+    graphs = config.decode_graphs if config.decode_graphs.max_batch and capturable else None
+    return ModelRunner(model, num_blocks, block_size, device, eos_id, graphs)
 
 
 def build_worker_runner(config: EngineConfig, rank: int, world_size: int, init_method: str) -> ModelRunner:
