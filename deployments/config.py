@@ -55,8 +55,9 @@ class EngineSettings(_Strict):
     tensor_parallel_size: int = Field(1, ge=1)
     quantization: Literal["fp8"] | None = None
     fp8_per_channel: bool = True
-    # "auto": the Triton fused-MoE kernel on GPUs (fp8 experts stay fp8), PyTorch matmuls on CPUs.
-    moe_backend: Literal["auto", "torch", "triton"] = "auto"
+    # "auto": the Triton fused-MoE kernel on GPUs (fp8 experts stay fp8), the AMX kernel on CPUs
+    # that have AMX, oneDNN matmuls per expert on other CPUs.
+    moe_backend: Literal["auto", "torch", "triton", "amx"] = "auto"
     # CUDA graphs replay decode steps of up to this many sequences and context tokens (device
     # cuda; ignored on CPUs). 0 turns them off.
     cuda_graph_max_batch: int = Field(64, ge=0)

@@ -62,9 +62,10 @@ class EngineConfig(BaseModel):
     # fp8 (e4m3) weights for attention and experts; router, norms, embeddings, LM head stay.
     quantization: Literal["fp8"] | None = None
     fp8_per_channel: bool = True  # one scale per output row (False: one per weight matrix)
-    # Expert computation: "torch" (per-expert matmuls, the CPU path), "triton" (the fused kernel,
-    # which keeps fp8 expert weights in fp8), or "auto": triton on GPUs, torch on CPUs.
-    moe_backend: Literal["auto", "torch", "triton"] = "auto"
+    # Expert computation: "amx" (one fused CPU kernel per layer on Intel AMX tiles, bf16), "torch"
+    # (oneDNN matmuls per expert, any CPU), "triton" (the fused GPU kernel, which keeps fp8 expert
+    # weights in fp8), or "auto": triton on GPUs, amx on CPUs that run it, else torch.
+    moe_backend: Literal["auto", "torch", "triton", "amx"] = "auto"
     chat_template: ChatTemplate = "mistral"
     seed: int = 0
     cache: CacheConfig = CacheConfig()
@@ -81,11 +82,6 @@ class EngineConfig(BaseModel):
                 "sequence can decode in one step"
             )
         return self
-
-    def resolved_moe_backend(self) -> Literal["torch", "triton"]:
-        if self.moe_backend != "auto":
-            return self.moe_backend
-        return "triton" if torch.device(self.device).type == "cuda" else "torch"
 
     def torch_dtype(self, checkpoint_dtype: str | None) -> torch.dtype:
         """`auto`: the checkpoint's dtype on GPUs; bf16 on CPUs with oneDNN bf16 kernels, else fp32.

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import amx_moe
 from engine.attention import AttentionMetadata, paged_attention
 from engine.linear import Linear
 from engine.model_config import ModelConfig
@@ -23,7 +24,23 @@ from engine.parallel import LocalShape, TPGroup
 from engine.quant import FP8, is_quantised
 
 
-MoEBackend = Literal["torch", "triton"]
+MoEBackend = Literal["torch", "triton", "amx"]
+
+
+def resolve_moe_backend(
+    choice: Literal["auto", "torch", "triton", "amx"], device: torch.device, dtype: torch.dtype, cfg: ModelConfig,
+    tp_size: int,
+) -> MoEBackend:
+    """The expert backend for `choice` ("auto": triton on GPUs, amx on CPUs that run it, else torch)."""
+    amx_runs = device.type == "cpu" and amx_moe.supports(dtype, cfg.hidden_size, cfg.intermediate_size // tp_size)
+    if choice == "auto":
+        return "triton" if device.type == "cuda" else "amx" if amx_runs else "torch"
+    if choice == "amx" and not amx_runs:
+        raise ValueError(
+            "moe_backend 'amx' needs a Linux x86 CPU with AMX, gcc, bf16 weights, a hidden size that is a "
+            "multiple of 64 and a per-rank intermediate size that is a multiple of 32"
+        )
+    return choice
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -120,9 +137,10 @@ class Attention(nn.Module):
 class MoE(nn.Module):
     """Every expert, with this rank's slice of its intermediate dimension.
 
-    Backends: "torch" runs `engine.moe.fused_moe` over per-expert `Linear`s (CPUs); "triton" runs
-    the fused GPU kernel straight over the stacked weights, which it can read in fp8 (`fp8`:
-    weights float8_e4m3fn with one fp32 scale per output row).
+    Backends: "torch" runs `engine.moe.fused_moe` over per-expert `Linear`s (CPUs); "amx" runs the
+    whole block as one CPU kernel over AMX-packed weights (`engine.amx_moe`); "triton" runs the
+    fused GPU kernel straight over the stacked weights, which it can read in fp8 (`fp8`: weights
+    float8_e4m3fn with one fp32 scale per output row).
     """
 
     def __init__(
@@ -140,12 +158,16 @@ class MoE(nn.Module):
         self.w13_scale = _param(e, 2 * i, dtype=torch.float32) if fp8 else None
         self.w2_scale = _param(e, d, dtype=torch.float32) if fp8 else None
         self.experts: list[Expert] = []  # set by `Mixtral.prepare` for the torch backend
+        self.amx_experts: amx_moe.AmxExperts | None = None  # for amx
         self.triton_moe: Callable[..., torch.Tensor] | None = None  # set by `Mixtral.prepare` for triton
         self.gate_f32 = torch.empty(0)
 
     def prepare(self) -> None:
         if self.backend == "torch":
             self.experts = _prepared_experts(self.w13, self.w2)
+        elif self.backend == "amx":
+            self.amx_experts = amx_moe.AmxExperts(self.w13.data, self.w2.data)
+            self.w13.data, self.w2.data = self.w13.data.new_empty(0), self.w2.data.new_empty(0)  # packed copy kept
         else:
             from engine.fused_moe_triton import fused_moe_triton  # GPU-only dependency, imported on use
 
@@ -161,6 +183,8 @@ class MoE(nn.Module):
         weights, ids = select_experts(router_logits, self.top_k)  # [T, k], [T, k]
         if self.triton_moe is not None:
             out = self.triton_moe(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale)  # [T, D]
+        elif self.amx_experts is not None:
+            out = self.amx_experts(x, weights, ids)  # [T, D] partial sum over this rank's slice
         else:
             out = fused_moe(x, self.experts, weights, ids)  # [T, D] partial sum over this rank's slice
         return self.tp.all_reduce(out), ids

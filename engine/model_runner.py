@@ -14,8 +14,8 @@ from engine.config import DecodeGraphConfig, EngineConfig
 from engine.decode_graphs import DecodeGraphs, DecodeInputs
 from engine.host_memory import keep_freed_memory
 from engine.loader import load_model
-from engine.model import Mixtral
-from engine.model_config import ModelConfig
+from engine.model import Mixtral, resolve_moe_backend
+from engine.model_config import ModelConfig, load_model_config
 from engine.parallel import TPGroup, init_group
 from engine.sampling import Sampler, SamplerOutput, SamplingRow
 from engine.scheduler import ScheduledSeq
@@ -236,6 +236,9 @@ def build_runner(config: EngineConfig, tp: TPGroup, eos_id: int) -> ModelRunner:
     if device.type == "cpu":
         keep_freed_memory()
     dtype = config.torch_dtype(checkpoint_dtype(model_dir))
+    moe_backend = resolve_moe_backend(
+        config.moe_backend, device, dtype, load_model_config(model_dir)[0], config.tensor_parallel_size
+    )
     with torch.device(device):
         model, cfg = load_model(
             model_dir,
@@ -244,7 +247,7 @@ def build_runner(config: EngineConfig, tp: TPGroup, eos_id: int) -> ModelRunner:
             tp,
             config.quantization,
             config.fp8_per_channel,
-            config.resolved_moe_backend(),
+            moe_backend,
         )
         model.prepare()
     block_size = config.cache.block_size
@@ -253,10 +256,11 @@ def build_runner(config: EngineConfig, tp: TPGroup, eos_id: int) -> ModelRunner:
     num_blocks = tp.min(budget // per_block)
     if num_blocks < 1:
         raise ValueError(f"KV cache budget of {budget} bytes is smaller than one block ({per_block} bytes)")
+    log.info("rank %d: experts on the %s backend", tp.rank, moe_backend)
     log.info("rank %d: KV cache %d blocks x %d tokens (%.1f MiB)", tp.rank, num_blocks, block_size,
              num_blocks * per_block / 2**20)
     # NOTE: only the Triton MoE can be captured: the torch path reads expert counts on the host.
-    capturable = device.type == "cuda" and config.resolved_moe_backend() == "triton"
+    capturable = device.type == "cuda" and moe_backend == "triton"
     graphs = config.decode_graphs if config.decode_graphs.max_batch and capturable else None
     return ModelRunner(model, num_blocks, block_size, device, eos_id, graphs)
 

@@ -23,8 +23,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint folder (default: the embedded tiny random-weight Mixtral)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N")
-    p.add_argument("--moe-backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="experts: the Triton fused kernel (GPU default) or PyTorch matmuls (CPU default)")
+    p.add_argument("--moe-backend", default="auto", choices=["auto", "torch", "triton", "amx"],
+                   help="experts: the Triton fused kernel (GPU default), the AMX kernel (default on CPUs "
+                        "with AMX) or oneDNN matmuls per expert")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks (local processes on CPU, gloo)")
     p.add_argument("--quantization", choices=["fp8"], help="fp8 weights for attention and experts")

@@ -1,0 +1,151 @@
+"""The CPU expert block on Intel AMX tiles (engine/amx_moe.c), built on first use.
+
+The kernel is plain C with no Python or torch headers, so building it takes about a second with
+the system's gcc; it is loaded with ctypes, which releases the GIL for the call. It links the
+OpenMP runtime torch already loaded (same soname), so both share one thread pool.
+
+Measured on the 2-core AMX box, bench shapes (8 experts, D 1024, I 3584), per layer against the
+oneDNN per-expert path (`engine.moe.fused_moe`): 16 tokens 6.7 vs 9.2 ms (26 vs 19 GB/s of
+weights), 1 token 1.7 vs 2.4 ms, 1,024 tokens 32 vs 53 ms (`benchmarks/fused_moe_kernel.py cpu-amx`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("amx_moe.c")
+_FLAGS = ["-O3", "-ffast-math", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
+          "-mamx-tile", "-mamx-bf16"]
+_CPU_FLAGS = {"amx_tile", "amx_bf16", "avx512f", "avx512bw"}
+# Rows of one AMX tile: each expert's rows are padded to a multiple of it (amx_moe.c).
+TILE_ROWS = 16
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mixtral-serve"
+
+
+def _cpu_has_amx() -> bool:
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return _CPU_FLAGS <= set(line.split(":", 1)[1].split())
+    return False
+
+
+def _build() -> Path:
+    """The compiled kernel, cached by a hash of its source and flags."""
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"amx_moe-{digest}.so"
+    if lib.exists():
+        return lib
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (gcc) on PATH")
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target, then rename: processes starting together never load a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+        os.replace(tmp, lib)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"building {_SOURCE.name} failed:\n{e.stderr}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None where it cannot run (no AMX, no compiler): the caller falls back."""
+    if not _cpu_has_amx():
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError) as e:
+        log.warning("AMX expert kernel unavailable, using oneDNN per-expert matmuls: %s", e)
+        return None
+    if lib.amx_moe_init() != 0:
+        log.warning("the kernel refused AMX tile data (arch_prctl); using oneDNN per-expert matmuls")
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.amx_moe_forward.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.amx_moe_forward.restype = None
+    return lib
+
+
+def supports(dtype: torch.dtype, hidden: int, intermediate: int) -> bool:
+    """Whether the kernel runs here for bf16 experts of this (per-rank) shape."""
+    return dtype == torch.bfloat16 and hidden % 64 == 0 and intermediate % 32 == 0 and _library() is not None
+
+
+def pack_w13(w13: torch.Tensor) -> torch.Tensor:
+    """w13 [E, 2I, D] (w1 rows, then w3 rows) as AMX B tiles: [E, I/32, D/32, 2 (w1, w3), 2, 16, 16, 2].
+
+    Panel p holds w1 and w3 output columns [32p, 32p + 32); each tile is 16 K-pairs x 16 columns
+    x the pair, so (r, c, j) is W[col c][k 2r + j] of its 32-wide K chunk.
+    """
+    e, two_i, d = w13.shape
+    w = w13.view(e, 2, two_i // 64, 2, 16, d // 32, 16, 2)  # [E, w1|w3, p, half, col, kc, r, j]
+    return w.permute(0, 2, 5, 1, 3, 6, 4, 7).contiguous()
+
+
+def pack_w2(w2: torch.Tensor) -> torch.Tensor:
+    """w2 [E, D, I] as AMX B tiles: [E, D/64, I/32, 4, 16, 16, 2] (panel p: output columns [64p, 64p + 64))."""
+    e, d, i = w2.shape
+    w = w2.view(e, d // 64, 4, 16, i // 32, 16, 2)  # [E, p, sub, col, kc, r, j]
+    return w.permute(0, 1, 4, 2, 5, 3, 6).contiguous()
+
+
+class AmxExperts:
+    """Every expert of one layer (this rank's slice), packed for the kernel."""
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        lib = _library()
+        assert lib is not None and supports(w13.dtype, w2.shape[1], w2.shape[2]), "check amx_moe.supports first"
+        self._forward = lib.amx_moe_forward
+        self.num_experts, self.hidden, self.intermediate = w2.shape
+        self.w13 = pack_w13(w13)
+        self.w2 = pack_w2(w2)
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # [T, D] bf16
+        topk_weights: torch.Tensor,  # [T, k] fp32
+        topk_ids: torch.Tensor,  # [T, k]
+    ) -> torch.Tensor:
+        """sum_k weight_k * expert_k(x) for each token, [T, D] bf16."""
+        t, k = topk_ids.shape
+        d, i, e = self.hidden, self.intermediate, self.num_experts
+        rows = t * k + e * (TILE_ROWS - 1)  # every expert's rows padded to whole tiles
+        x = x.contiguous()
+        ids = topk_ids.to(torch.int64).contiguous()  # [T, k]
+        weights = topk_weights.to(torch.float32).contiguous()  # [T, k]
+        out = torch.empty(t, d, dtype=torch.bfloat16)  # [T, D]
+        xs = torch.empty(rows, d, dtype=torch.bfloat16)  # [R, D] tokens grouped by expert
+        act = torch.empty(rows, i, dtype=torch.bfloat16)  # [R, I] silu(x w1) * (x w3)
+        y = torch.empty(rows, d, dtype=torch.float32)  # [R, D] second matmul, fp32
+        slot_of = torch.empty(t * k, dtype=torch.int32)  # [T k] row of each (token, choice)
+        self._forward(
+            x.data_ptr(), ids.data_ptr(), weights.data_ptr(), t, k, e, d, i, torch.get_num_threads(),
+            self.w13.data_ptr(), self.w2.data_ptr(), out.data_ptr(), xs.data_ptr(), act.data_ptr(),
+            y.data_ptr(), slot_of.data_ptr(),
+        )
+        return out
