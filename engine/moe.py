@@ -1,7 +1,8 @@
 """Mixture-of-experts routing and expert dispatch.
 
-`fused_moe` is the PyTorch path (CPUs) over per-expert `Linear`s; on GPUs `engine.model.MoE`
-calls the Triton kernel (`engine.fused_moe_triton`) over the stacked weights instead.
+`fused_moe` is the PyTorch path over per-expert `Linear`s (any CPU); `engine.model.MoE` calls
+the AMX kernel (`engine.amx_moe`) on CPUs that have AMX and the Triton kernel
+(`engine.fused_moe_triton`) on GPUs instead.
 """
 
 from __future__ import annotations
