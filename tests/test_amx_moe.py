@@ -117,5 +117,10 @@ def test_amx_backend_in_the_model(make_checkpoint: CheckpointFactory) -> None:
     for (a_ids, a_lp), (o_ids, o_lp) in zip(amx_runs, onednn_runs):
         assert a_ids[0] == o_ids[0]
         assert abs(a_lp[0] - o_lp[0]) < 0.05
-    _, tp_runs = _generate(ckpt, "amx", tp=2)  # each rank runs the kernel on its intermediate slice
+    threads = torch.get_num_threads()
+    try:
+        llm, tp_runs = _generate(ckpt, "amx", tp=2)  # each rank runs the kernel on its intermediate slice
+        llm.engine.shutdown()
+    finally:
+        torch.set_num_threads(threads)
     assert [ids[0] for ids, _ in tp_runs] == [ids[0] for ids, _ in amx_runs]
