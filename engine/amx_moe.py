@@ -27,8 +27,11 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("amx_moe.c")
-_FLAGS = ["-O3", "-ffast-math", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
-          "-mamx-tile", "-mamx-bf16"]
+_COMPILE = ["-O3", "-ffast-math", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile",
+            "-mamx-bf16"]
+# NOTE: -ffast-math only when compiling (it lets gcc call glibc's vector expf). Given to the link
+# step, gcc adds crtfastmath.o, which switches the whole process to flush-to-zero on load.
+_LINK = ["-shared", "-fopenmp", "-lm"]
 _CPU_FLAGS = {"amx_tile", "amx_bf16", "avx512f", "avx512bw"}
 # Rows of one AMX tile: each expert's rows are padded to a multiple of it (amx_moe.c).
 TILE_ROWS = 16
@@ -50,7 +53,7 @@ def _cpu_has_amx() -> bool:
 
 def _build() -> Path:
     """The compiled kernel, cached by a hash of its source and flags."""
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_COMPILE + _LINK).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"amx_moe-{digest}.so"
     if lib.exists():
         return lib
@@ -59,16 +62,14 @@ def _build() -> Path:
         raise RuntimeError("no C compiler (gcc) on PATH")
     lib.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target, then rename: processes starting together never load a partial file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
-        os.replace(tmp, lib)
-    except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"building {_SOURCE.name} failed:\n{e.stderr}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+        obj, out = Path(tmp) / "amx_moe.o", Path(tmp) / lib.name
+        try:
+            for cmd in ([compiler, *_COMPILE, "-c", str(_SOURCE), "-o", str(obj)], [compiler, str(obj), "-o", str(out), *_LINK]):
+                subprocess.run(cmd, check=True, capture_output=True, text=True)
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(f"building {_SOURCE.name} failed:\n{e.stderr}") from e
+        os.replace(out, lib)
     return lib
 
 

@@ -3,6 +3,8 @@ the "amx" backend in the model against the oneDNN per-expert backend."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,13 @@ def _unpack_w13(packed: torch.Tensor) -> torch.Tensor:
     e, p, kc = packed.shape[:3]
     w = packed.permute(0, 3, 1, 4, 6, 2, 5, 7)  # [E, w1|w3, p, half, col, kc, r, j]
     return w.reshape(e, 2 * p * 32, kc * 32)
+
+
+def test_loading_the_kernel_keeps_subnormals() -> None:
+    """Building with -ffast-math must not switch the process to flush-to-zero (crtfastmath.o)."""
+    code = "from engine import amx_moe; assert amx_moe._library() is not None; print(5e-324 * 1.0)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout) > 0
 
 
 def test_packing_puts_every_weight_in_its_tile() -> None:
