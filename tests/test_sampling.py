@@ -107,6 +107,14 @@ def test_greedy_is_argmax_on_fast_and_slow_paths() -> None:
     assert out.logprobs is not None
 
 
+def test_greedy_ties_pick_the_lowest_id() -> None:
+    logits = torch.full((64, 32000), -1.0)
+    logits[:, [31999, 20000, 25000]] = 5.0
+    logits[3, 7] = 5.0
+    out = sampler(logits, [_row(SamplingParams(temperature=0.0)) for _ in range(64)])
+    assert out.token_ids == [7 if i == 3 else 20000 for i in range(64)]
+
+
 def test_bad_logits_shape_rejected() -> None:
     with pytest.raises(ValueError, match="shape"):
         sampler(torch.zeros(3, 10), [_row(SamplingParams())])
