@@ -18,7 +18,7 @@
 
   python benchmarks/fused_moe_kernel.py cpu-amx [--tokens 1 4 16 64 256 1024] [--layers 8]
       The CPU expert block on the "bench" shapes (D=1024, I=3584, E=8, top-2): the AMX kernel
-      (`engine.amx_moe`) against the oneDNN per-expert path (`engine.moe.fused_moe`), both bf16,
+      (`engine.amx`) against the oneDNN per-expert path (`engine.moe.fused_moe`), both bf16,
       over `--layers` layers of distinct weights (more than the last-level cache holds), so each
       call streams its experts from DRAM as in a real step. Prints ms per layer, GB/s of active
       expert weights and TFLOP/s, interleaved passes, best of them.
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import amx_moe  # noqa: E402
+from engine import amx  # noqa: E402
 from engine.linear import Linear  # noqa: E402
 from engine.moe import fused_moe, make_experts, select_experts  # noqa: E402
 from engine.quant import fp8_linear, quantize_fp8  # noqa: E402
@@ -207,7 +207,7 @@ def run_cpu(ms_: list[int], pool_mb: int, passes: int) -> None:
 
 
 def run_cpu_amx(tokens: list[int], layers: int, passes: int) -> None:
-    if not amx_moe.supports(torch.bfloat16, 1024, 3584):
+    if not amx.supports(torch.bfloat16, 1024, 3584):
         sys.exit("the AMX kernel does not run here (needs an AMX CPU and gcc)")
     e, d, inter, top_k = 8, 1024, 3584, 2
     gen = torch.Generator().manual_seed(0)
@@ -215,7 +215,7 @@ def run_cpu_amx(tokens: list[int], layers: int, passes: int) -> None:
     for _ in range(layers):
         w13 = (torch.randn(e, 2 * inter, d, generator=gen) * d**-0.5).bfloat16()  # [E, 2I, D]
         w2 = (torch.randn(e, d, inter, generator=gen) * inter**-0.5).bfloat16()  # [E, D, I]
-        amx.append(amx_moe.AmxExperts(w13, w2))
+        amx.append(amx.AmxExperts(w13, w2))
         onednn.append(make_experts(w13, w2))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {layers} layers of bench experts")
     print(f"{'tokens':>6} {'experts':>7} {'path':<16} {'ms/layer':>9} {'GB/s':>6} {'TFLOP/s':>8}")

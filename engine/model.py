@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import amx_moe
+from engine import amx
 from engine.attention import AttentionMetadata, paged_attention
 from engine.linear import Linear
 from engine.model_config import ModelConfig
@@ -32,7 +32,7 @@ def resolve_moe_backend(
     tp_size: int,
 ) -> MoEBackend:
     """The expert backend for `choice` ("auto": triton on GPUs, amx on CPUs that run it, else torch)."""
-    amx_runs = device.type == "cpu" and amx_moe.supports(dtype, cfg.hidden_size, cfg.intermediate_size // tp_size)
+    amx_runs = device.type == "cpu" and amx.supports(dtype, cfg.hidden_size, cfg.intermediate_size // tp_size)
     if choice == "auto":
         return "triton" if device.type == "cuda" else "amx" if amx_runs else "torch"
     if choice == "amx" and not amx_runs:
@@ -51,14 +51,14 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 def _prepared(param: nn.Parameter, scale: nn.Parameter | None = None) -> Linear:
     """The inference layout of a loaded weight; the parameter lets go of a weight that was copied."""
     linear = Linear(param.data, None if scale is None else scale.data)
-    if linear.packed is not None:
+    if linear.repacked:
         param.data = param.data.new_empty(0)
     return linear
 
 
 def _prepared_experts(w13: nn.Parameter, w2: nn.Parameter) -> list[Expert]:
     experts = make_experts(w13.data, w2.data)
-    if experts[0].down.packed is not None:  # the oneDNN copies are the only ones kept
+    if experts[0].down.repacked:  # the kernels' copies are the only ones kept
         w13.data, w2.data = w13.data.new_empty(0), w2.data.new_empty(0)
     return experts
 
@@ -138,7 +138,7 @@ class MoE(nn.Module):
     """Every expert, with this rank's slice of its intermediate dimension.
 
     Backends: "torch" runs `engine.moe.fused_moe` over per-expert `Linear`s (CPUs); "amx" runs the
-    whole block as one CPU kernel over AMX-packed weights (`engine.amx_moe`); "triton" runs the
+    whole block as one CPU kernel over AMX-packed weights (`engine.amx`); "triton" runs the
     fused GPU kernel straight over the stacked weights, which it can read in fp8 (`fp8`: weights
     float8_e4m3fn with one fp32 scale per output row).
     """
@@ -158,7 +158,7 @@ class MoE(nn.Module):
         self.w13_scale = _param(e, 2 * i, dtype=torch.float32) if fp8 else None
         self.w2_scale = _param(e, d, dtype=torch.float32) if fp8 else None
         self.experts: list[Expert] = []  # set by `Mixtral.prepare` for the torch backend
-        self.amx_experts: amx_moe.AmxExperts | None = None  # for amx
+        self.amx_experts: amx.AmxExperts | None = None  # for amx
         self.triton_moe: Callable[..., torch.Tensor] | None = None  # set by `Mixtral.prepare` for triton
         self.gate_f32 = torch.empty(0)
 
@@ -166,7 +166,7 @@ class MoE(nn.Module):
         if self.backend == "torch":
             self.experts = _prepared_experts(self.w13, self.w2)
         elif self.backend == "amx":
-            self.amx_experts = amx_moe.AmxExperts(self.w13.data, self.w2.data)
+            self.amx_experts = amx.AmxExperts(self.w13.data, self.w2.data)
             self.w13.data, self.w2.data = self.w13.data.new_empty(0), self.w2.data.new_empty(0)  # packed copy kept
         else:
             from engine.fused_moe_triton import fused_moe_triton  # GPU-only dependency, imported on use

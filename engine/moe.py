@@ -1,7 +1,7 @@
 """Mixture-of-experts routing and expert dispatch.
 
 `fused_moe` is the PyTorch path over per-expert `Linear`s (any CPU); `engine.model.MoE` calls
-the AMX kernel (`engine.amx_moe`) on CPUs that have AMX and the Triton kernel
+the AMX kernel (`engine.amx`) on CPUs that have AMX and the Triton kernel
 (`engine.fused_moe_triton`) on GPUs instead.
 """
 
@@ -38,8 +38,12 @@ class Expert:
 
 
 def make_experts(w13: torch.Tensor, w2: torch.Tensor) -> list[Expert]:
-    """Per-expert MLPs over stacked weights w13 [E, 2I, D] (w1 rows, then w3 rows) and w2 [E, D, I]."""
-    return [Expert(Linear(w13[e]), Linear(w2[e])) for e in range(w2.shape[0])]
+    """Per-expert MLPs over stacked weights w13 [E, 2I, D] (w1 rows, then w3 rows) and w2 [E, D, I].
+
+    NOTE: oneDNN matmuls even on AMX CPUs: this is the portable path; there the "amx" backend runs
+    every expert of the layer in one kernel call instead.
+    """
+    return [Expert(Linear(w13[e], use_amx=False), Linear(w2[e], use_amx=False)) for e in range(w2.shape[0])]
 
 
 def fused_moe(

@@ -1,5 +1,7 @@
-// Mixtral's expert block on one CPU layer in one call: routing sort, both expert matmuls on AMX
-// tiles, SiLU-and-product, and the weighted sum of each token's experts.
+// CPU kernels on Intel AMX tiles (bf16 in, fp32 accumulation), loaded by engine/amx.py:
+//   amx_moe_forward: Mixtral's expert block on one layer in one call: routing sort, both expert
+//                    matmuls, SiLU-and-product, and the weighted sum of each token's experts;
+//   amx_linear:      y = x W^T for the dense projections (attention, LM head).
 //
 // Why a kernel of our own: per expert, oneDNN costs ~25 us a call and streams at most ~24 GB/s,
 // and the small ops between the calls run with cold caches. Here every thread streams one
@@ -9,8 +11,8 @@
 // x 2, 1 KiB each. A panel is 4 tiles wide (64 output columns) and walks K in chunks of 32:
 //   w13: panel p = w1 columns [32p, 32p+32) then w3 columns [32p, 32p+32), so SiLU(w1 x) * (w3 x)
 //        is finished in registers, panel by panel;
-//   w2:  panel p = output columns [64p, 64p+64).
-// Activations are bf16, accumulation fp32. Shapes: D % 64 == 0, I % 32 == 0.
+//   w2 and dense weights: panel p = output columns [64p, 64p+64).
+// Shapes: D % 64 == 0, I % 32 == 0; dense N % 64 == 0, K % 32 == 0.
 
 #include <immintrin.h>
 #include <math.h>
@@ -171,6 +173,48 @@ void amx_moe_forward(
                 }
 #pragma omp simd
                 for (int j = 0; j < 64; ++j) out[t * D + d0 + j] = to_bf16(acc[j]);
+            }
+        }
+        _tile_release();
+    }
+}
+
+// out [T, N] (bf16, or fp32 when out_fp32) = x [T, K] @ W^T for W packed in panels of 64 output
+// columns. Scratch xs [ceil(T / 16) * 16, K] bf16 holds x padded to whole tiles.
+void amx_linear(const uint16_t *x, int64_t T, int64_t K, int64_t N, int64_t num_threads, const uint16_t *w,
+                void *out, int64_t out_fp32, uint16_t *xs) {
+    const int64_t padded = (T + ROWS - 1) / ROWS * ROWS, k_chunks = K / 32, panel = k_chunks * PANEL_TILES * TILE_ELEMS;
+#pragma omp parallel num_threads(num_threads)
+    {
+        configure_tiles();
+        float c[ROWS][64];
+        int64_t b, e_;
+        share(padded, &b, &e_);
+        for (int64_t r = b; r < e_; ++r) {
+            if (r < T)
+                memcpy(xs + r * K, x + r * K, K * 2);
+            else
+                memset(xs + r * K, 0, K * 2);
+        }
+#pragma omp barrier
+        share(N / 64, &b, &e_);
+        for (int64_t p = b; p < e_; ++p) {
+            for (int64_t r0 = 0; r0 < T; r0 += ROWS) {
+                panel_product(xs + r0 * K, K, w + p * panel, k_chunks);
+                _tile_stored(0, &c[0][0], 256);
+                _tile_stored(1, &c[0][16], 256);
+                _tile_stored(2, &c[0][32], 256);
+                _tile_stored(3, &c[0][48], 256);
+                const int64_t rows = T - r0 < ROWS ? T - r0 : ROWS;
+                for (int64_t r = 0; r < rows; ++r) {
+                    if (out_fp32) {
+                        memcpy((float *)out + (r0 + r) * N + p * 64, c[r], 256);
+                    } else {
+                        uint16_t *dst = (uint16_t *)out + (r0 + r) * N + p * 64;
+#pragma omp simd
+                        for (int j = 0; j < 64; ++j) dst[j] = to_bf16(c[r][j]);
+                    }
+                }
             }
         }
         _tile_release();

@@ -1,12 +1,13 @@
-"""The CPU expert block on Intel AMX tiles (engine/amx_moe.c), built on first use.
+"""CPU kernels on Intel AMX tiles (engine/amx_kernels.c), built on first use: the whole expert
+block of a layer in one call (`AmxExperts`) and dense projections (`AmxLinear`).
 
 The kernel is plain C with no Python or torch headers, so building it takes about a second with
 the system's gcc; it is loaded with ctypes, which releases the GIL for the call. It links the
 OpenMP runtime torch already loaded (same soname), so both share one thread pool.
 
 Measured on the 2-core AMX box, bench shapes (8 experts, D 1024, I 3584), per layer against the
-oneDNN per-expert path (`engine.moe.fused_moe`): 16 tokens 6.7 vs 9.2 ms (26 vs 19 GB/s of
-weights), 1 token 1.7 vs 2.4 ms, 1,024 tokens 32 vs 53 ms (`benchmarks/fused_moe_kernel.py cpu-amx`).
+oneDNN per-expert path (`engine.moe.fused_moe`): 16 tokens 7.6 vs 10.0 ms (23 vs 18 GB/s of
+weights), 1 token 1.9 vs 2.6 ms, 1,024 tokens 31 vs 55 ms (`benchmarks/fused_moe_kernel.py cpu-amx`).
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("amx_moe.c")
+_SOURCE = Path(__file__).with_name("amx_kernels.c")
 _COMPILE = ["-O3", "-ffast-math", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mamx-tile",
             "-mamx-bf16"]
 # NOTE: -ffast-math only when compiling (it lets gcc call glibc's vector expf). Given to the link
 # step, gcc adds crtfastmath.o, which switches the whole process to flush-to-zero on load.
 _LINK = ["-shared", "-fopenmp", "-lm"]
 _CPU_FLAGS = {"amx_tile", "amx_bf16", "avx512f", "avx512bw"}
-# Rows of one AMX tile: each expert's rows are padded to a multiple of it (amx_moe.c).
+# Rows of one AMX tile: each expert's rows are padded to a multiple of it (amx_kernels.c).
 TILE_ROWS = 16
 
 
@@ -54,7 +55,7 @@ def _cpu_has_amx() -> bool:
 def _build() -> Path:
     """The compiled kernel, cached by a hash of its source and flags."""
     digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_COMPILE + _LINK).encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"amx_moe-{digest}.so"
+    lib = _cache_dir() / f"amx_kernels-{digest}.so"
     if lib.exists():
         return lib
     compiler = shutil.which("gcc") or shutil.which("cc")
@@ -63,7 +64,7 @@ def _build() -> Path:
     lib.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target, then rename: processes starting together never load a partial file.
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-        obj, out = Path(tmp) / "amx_moe.o", Path(tmp) / lib.name
+        obj, out = Path(tmp) / "amx_kernels.o", Path(tmp) / lib.name
         try:
             for cmd in ([compiler, *_COMPILE, "-c", str(_SOURCE), "-o", str(obj)], [compiler, str(obj), "-o", str(out), *_LINK]):
                 subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -81,20 +82,29 @@ def _library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, RuntimeError) as e:
-        log.warning("AMX expert kernel unavailable, using oneDNN per-expert matmuls: %s", e)
+        log.warning("AMX kernels unavailable, using oneDNN matmuls: %s", e)
         return None
     if lib.amx_moe_init() != 0:
-        log.warning("the kernel refused AMX tile data (arch_prctl); using oneDNN per-expert matmuls")
+        log.warning("the kernel refused AMX tile data (arch_prctl); using oneDNN matmuls")
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.amx_moe_forward.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.amx_moe_forward.restype = None
+    lib.amx_linear.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr]
+    lib.amx_linear.restype = None
     return lib
 
 
 def supports(dtype: torch.dtype, hidden: int, intermediate: int) -> bool:
-    """Whether the kernel runs here for bf16 experts of this (per-rank) shape."""
+    """Whether the expert kernel runs here for bf16 experts of this (per-rank) shape."""
     return dtype == torch.bfloat16 and hidden % 64 == 0 and intermediate % 32 == 0 and _library() is not None
+
+
+def supports_linear(weight: torch.Tensor) -> bool:
+    """Whether `AmxLinear` runs here for this weight [N, K]."""
+    n, k = weight.shape
+    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and n % 64 == 0 and k % 32 == 0 \
+        and _library() is not None
 
 
 def pack_w13(w13: torch.Tensor) -> torch.Tensor:
@@ -108,11 +118,12 @@ def pack_w13(w13: torch.Tensor) -> torch.Tensor:
     return w.permute(0, 2, 5, 1, 3, 6, 4, 7).contiguous()
 
 
-def pack_w2(w2: torch.Tensor) -> torch.Tensor:
-    """w2 [E, D, I] as AMX B tiles: [E, D/64, I/32, 4, 16, 16, 2] (panel p: output columns [64p, 64p + 64))."""
-    e, d, i = w2.shape
-    w = w2.view(e, d // 64, 4, 16, i // 32, 16, 2)  # [E, p, sub, col, kc, r, j]
-    return w.permute(0, 1, 4, 2, 5, 3, 6).contiguous()
+def pack_panels(w: torch.Tensor) -> torch.Tensor:
+    """W [..., N, K] as AMX B tiles [..., N/64, K/32, 4, 16, 16, 2]: panel p holds output columns
+    [64p, 64p + 64) as 4 tiles of 16 columns (for w2 [E, D, I] and dense weights [N, K])."""
+    *lead, n, k = w.shape
+    v = w.reshape(-1, n // 64, 4, 16, k // 32, 16, 2)  # [B, p, sub, col, kc, r, j]
+    return v.permute(0, 1, 4, 2, 5, 3, 6).reshape(*lead, n // 64, k // 32, 4, 16, 16, 2).contiguous()
 
 
 class AmxExperts:
@@ -120,11 +131,11 @@ class AmxExperts:
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
         lib = _library()
-        assert lib is not None and supports(w13.dtype, w2.shape[1], w2.shape[2]), "check amx_moe.supports first"
+        assert lib is not None and supports(w13.dtype, w2.shape[1], w2.shape[2]), "check amx.supports first"
         self._forward = lib.amx_moe_forward
         self.num_experts, self.hidden, self.intermediate = w2.shape
         self.w13 = pack_w13(w13)
-        self.w2 = pack_w2(w2)
+        self.w2 = pack_panels(w2)
 
     def __call__(
         self,
@@ -148,5 +159,28 @@ class AmxExperts:
             x.data_ptr(), ids.data_ptr(), weights.data_ptr(), t, k, e, d, i, torch.get_num_threads(),
             self.w13.data_ptr(), self.w2.data_ptr(), out.data_ptr(), xs.data_ptr(), act.data_ptr(),
             y.data_ptr(), slot_of.data_ptr(),
+        )
+        return out
+
+
+class AmxLinear:
+    """y = x @ W.T for one bf16 weight W [N, K], packed for the kernel."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        lib = _library()
+        assert lib is not None and supports_linear(weight), "check amx.supports_linear first"
+        self._linear = lib.amx_linear
+        self.out_features, self.in_features = weight.shape
+        self.packed = pack_panels(weight)
+
+    def __call__(self, x: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """x [M, K] bf16 -> [M, N] in `out_dtype` (bf16, or fp32 straight from the accumulators)."""
+        m, k = x.shape
+        x = x.contiguous()
+        out = torch.empty(m, self.out_features, dtype=out_dtype)  # [M, N]
+        xs = torch.empty(-(-m // TILE_ROWS) * TILE_ROWS, k, dtype=torch.bfloat16)  # [M padded, K]
+        self._linear(
+            x.data_ptr(), m, k, self.out_features, torch.get_num_threads(), self.packed.data_ptr(),
+            out.data_ptr(), out_dtype == torch.float32, xs.data_ptr(),
         )
         return out

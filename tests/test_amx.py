@@ -1,4 +1,4 @@
-"""The AMX expert kernel (engine/amx_moe.c) against the fp32 reference, its weight packing, and
+"""The AMX expert kernel (engine/amx_kernels.c) against the fp32 reference, its weight packing, and
 the "amx" backend in the model against the oneDNN per-expert backend."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import LLM, SamplingParams, amx_moe
+from engine import LLM, SamplingParams, amx
 from engine.checkpoint import PRESETS
+from engine.linear import Linear
 from engine.model import resolve_moe_backend
 from engine.model_config import ModelConfig
 from engine.moe import fused_moe, make_experts
@@ -19,7 +20,7 @@ from tests.conftest import CheckpointFactory
 from tests.moe_reference import moe_problem, reference_moe, rel_err
 
 pytestmark = pytest.mark.skipif(
-    not amx_moe.supports(torch.bfloat16, 64, 32), reason="no AMX CPU or no C compiler here"
+    not amx.supports(torch.bfloat16, 64, 32), reason="no AMX CPU or no C compiler here"
 )
 
 
@@ -32,7 +33,7 @@ def _unpack_w13(packed: torch.Tensor) -> torch.Tensor:
 
 def test_loading_the_kernel_keeps_subnormals() -> None:
     """Building with -ffast-math must not switch the process to flush-to-zero (crtfastmath.o)."""
-    code = "from engine import amx_moe; assert amx_moe._library() is not None; print(5e-324 * 1.0)"
+    code = "from engine import amx; assert amx._library() is not None; print(5e-324 * 1.0)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(out.stdout) > 0
 
@@ -40,13 +41,13 @@ def test_loading_the_kernel_keeps_subnormals() -> None:
 def test_packing_puts_every_weight_in_its_tile() -> None:
     e, i, d = 3, 64, 128
     w13 = torch.arange(e * 2 * i * d, dtype=torch.float32).view(e, 2 * i, d)
-    packed = amx_moe.pack_w13(w13)
+    packed = amx.pack_w13(w13)
     assert packed.shape == (e, i // 32, d // 32, 2, 2, 16, 16, 2)
     assert torch.equal(_unpack_w13(packed), w13)
     # Tile (p=1, kc=2, w3, second half), K pair r=5, column c=7, j=1 is w3 row 32+16+7, column 64+11.
     assert packed[1, 1, 2, 1, 1, 5, 7, 1] == w13[1, i + 32 + 16 + 7, 2 * 32 + 2 * 5 + 1]
     w2 = torch.arange(e * d * i, dtype=torch.float32).view(e, d, i)
-    p2 = amx_moe.pack_w2(w2)
+    p2 = amx.pack_panels(w2)
     assert p2.shape == (e, d // 64, i // 32, 4, 16, 16, 2)
     # Panel 1, K chunk 1, sub-tile 2, pair r=3, column 4, j=0: output row 64+32+4, input 32+6.
     assert p2[0, 1, 1, 2, 3, 4, 0] == w2[0, 64 + 32 + 4, 32 + 6]
@@ -58,7 +59,7 @@ def test_packing_puts_every_weight_in_its_tile() -> None:
 def test_kernel_matches_reference(num_tokens: int, num_experts: int, top_k: int, hidden: int, inter: int) -> None:
     x, w13, w2, weights, ids = moe_problem(num_tokens, num_experts, top_k, hidden, inter, seed=num_tokens + hidden)
     w13, w2, x = w13.bfloat16(), w2.bfloat16(), x.bfloat16()
-    out = amx_moe.AmxExperts(w13, w2)(x, weights, ids)  # [T, D]
+    out = amx.AmxExperts(w13, w2)(x, weights, ids)  # [T, D]
     assert out.dtype == torch.bfloat16 and out.shape == (num_tokens, hidden)
     ref = reference_moe(x.float(), w13.float(), w2.float(), weights, ids)
     onednn = fused_moe(x, make_experts(w13, w2), weights, ids)
@@ -74,14 +75,14 @@ def test_tile_boundaries(tokens_on_one_expert: int) -> None:
     w13, w2, x = w13.bfloat16(), w2.bfloat16(), x.bfloat16()
     ids = torch.tensor([[2, 0]] * tokens_on_one_expert)
     weights = torch.tensor([[0.75, 0.25]] * tokens_on_one_expert)
-    out = amx_moe.AmxExperts(w13, w2)(x, weights, ids)
+    out = amx.AmxExperts(w13, w2)(x, weights, ids)
     assert rel_err(out, reference_moe(x.float(), w13.float(), w2.float(), weights, ids)) < 1e-2
 
 
 def test_threads_do_not_change_results() -> None:
     """Each output element is computed by one thread in a fixed order: bitwise the same."""
     x, w13, w2, weights, ids = moe_problem(40, 8, 2, 128, 256, seed=2)
-    experts = amx_moe.AmxExperts(w13.bfloat16(), w2.bfloat16())
+    experts = amx.AmxExperts(w13.bfloat16(), w2.bfloat16())
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -104,6 +105,23 @@ def test_backend_resolution() -> None:
     with pytest.raises(ValueError, match="multiple of 64"):
         resolve_moe_backend("amx", cpu, torch.bfloat16, odd, 1)
     assert resolve_moe_backend("torch", cpu, torch.bfloat16, tiny, 1) == "torch"
+
+
+@pytest.mark.parametrize("m", [0, 1, 4, 16, 17, 257])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_linear_matches_reference(m: int, out_dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(m)
+    w = (torch.randn(192, 96, generator=gen) * 0.1).bfloat16()  # [N, K]
+    x = torch.randn(m, 96, generator=gen).bfloat16()  # [M, K]
+    lin = Linear(w)
+    assert lin.amx is not None and lin.packed is None and lin.weight.numel() == 0  # only the AMX layout kept
+    got = lin.amx(x, out_dtype)
+    assert got.shape == (m, 192) and got.dtype == out_dtype
+    if m:
+        ref = x.float() @ w.float().t()
+        assert rel_err(got, ref) < (1e-5 if out_dtype == torch.float32 else 1e-2)
+        assert torch.equal(lin(x), got.bfloat16())
+    assert Linear(w[:100]).amx is None  # 100 output rows: not whole panels of 64, so oneDNN
 
 
 def _generate(ckpt: Path, backend: str, tp: int = 1) -> tuple[LLM, list[tuple[list[int], list[float]]]]:
