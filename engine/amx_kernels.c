@@ -1,7 +1,8 @@
 // CPU kernels on Intel AMX tiles (bf16 in, fp32 accumulation), loaded by engine/amx.py:
 //   amx_moe_forward: Mixtral's expert block on one layer in one call: routing sort, both expert
 //                    matmuls, SiLU-and-product, and the weighted sum of each token's experts;
-//   amx_linear:      y = x W^T for the dense projections (attention, LM head).
+//   amx_linear:      y = x W^T for the dense projections (attention, LM head);
+//   add_rms_norm:    the residual add and the RMSNorm after it, one pass over the rows.
 //
 // Why a kernel of our own: per expert, oneDNN costs ~25 us a call and streams at most ~24 GB/s,
 // and the small ops between the calls run with cold caches. Here every thread streams one
@@ -218,5 +219,43 @@ void amx_linear(const uint16_t *x, int64_t T, int64_t K, int64_t N, int64_t num_
             }
         }
         _tile_release();
+    }
+}
+
+static inline float bf16_to_float(uint16_t v) {
+    const uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+// h [T, D] += delta (when given; rounded to bf16 as a bf16 add rounds), then
+// normed [T, D] = h / sqrt(mean(h^2) + eps) * weight, in fp32 and rounded once.
+void add_rms_norm(uint16_t *h, const uint16_t *delta, const uint16_t *weight, float eps, int64_t T, int64_t D,
+                  int64_t num_threads, uint16_t *normed) {
+#pragma omp parallel for num_threads(T < num_threads ? T : num_threads) schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+        uint16_t *row = h + t * D;
+        float sum = 0.0f;
+        if (delta) {
+            const uint16_t *d = delta + t * D;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < D; ++j) {
+                const uint16_t r = to_bf16(bf16_to_float(row[j]) + bf16_to_float(d[j]));
+                row[j] = r;
+                const float v = bf16_to_float(r);
+                sum += v * v;
+            }
+        } else {
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < D; ++j) {
+                const float v = bf16_to_float(row[j]);
+                sum += v * v;
+            }
+        }
+        const float inv = 1.0f / sqrtf(sum / (float)D + eps);
+        uint16_t *out = normed + t * D;
+#pragma omp simd
+        for (int64_t j = 0; j < D; ++j) out[j] = to_bf16(bf16_to_float(row[j]) * inv * bf16_to_float(weight[j]));
     }
 }

@@ -68,11 +68,25 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = _param(dim, dtype=dtype)
+        self.kernel: amx.AddRMSNorm | None = None  # set by `prepare` where the CPU kernel runs
+
+    def prepare(self) -> None:
+        if amx.supports_norm(self.weight.data):
+            self.kernel = amx.AddRMSNorm(self.weight.data, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x.contiguous())  # [T, D]
         # One fused op; it accumulates in fp32 and rounds once (the reference rounds the
         # normalised value, then the product: bf16 results differ in the last bit).
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # [T, D]
+
+    def add_forward(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream h + delta [T, D] (h itself, updated, on the CPU kernel) and its norm."""
+        if self.kernel is not None:
+            return h, self.kernel(h, delta)
+        h = h + delta  # [T, D]
+        return h, self.forward(h)
 
 
 class Rotary(nn.Module):
@@ -231,8 +245,11 @@ class Mixtral(nn.Module):
     def prepare(self) -> "Mixtral":
         """Puts loaded weights into their inference layouts; the model runs only after this."""
         for layer in self.layers:
+            layer.attn_norm.prepare()
             layer.attn.prepare()
+            layer.ffn_norm.prepare()
             layer.moe.prepare()
+        self.norm.prepare()
         self.lm_head_proj = _prepared(self.lm_head)
         return self
 
@@ -246,15 +263,18 @@ class Mixtral(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Final hidden states [T, D] (normalised; `logits` projects the rows that sample) and
         each layer's expert choices [L, T, k]."""
-        h = F.embedding(input_ids, self.embed)  # [T, D]
+        h = F.embedding(input_ids, self.embed)  # [T, D] residual stream
         rope = self.rotary.tables(positions)
         routed: list[torch.Tensor] = []
+        x = self.layers[0].attn_norm(h)  # [T, D]
+        # Each residual add is done together with the norm that follows it.
+        next_norms = [layer.attn_norm for layer in self.layers[1:]] + [self.norm]
         for i, layer in enumerate(self.layers):
-            h = h + layer.attn(layer.attn_norm(h), rope, kv_caches[i], meta)  # [T, D]
-            moe_out, ids = layer.moe(layer.ffn_norm(h))  # [T, D], [T, k]
-            h = h + moe_out  # [T, D]
+            h, x = layer.ffn_norm.add_forward(h, layer.attn(x, rope, kv_caches[i], meta))  # [T, D] x2
+            moe_out, ids = layer.moe(x)  # [T, D], [T, k]
+            h, x = next_norms[i].add_forward(h, moe_out)  # [T, D] x2
             routed.append(ids)
-        return self.norm(h), torch.stack(routed)
+        return x, torch.stack(routed)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -124,6 +124,25 @@ def test_linear_matches_reference(m: int, out_dtype: torch.dtype) -> None:
     assert Linear(w[:100]).amx is None  # 100 output rows: not whole panels of 64, so oneDNN
 
 
+@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("dim", [128, 1000])
+def test_add_rms_norm_matches_torch(rows: int, dim: int) -> None:
+    gen = torch.Generator().manual_seed(rows + dim)
+    h = (torch.randn(rows, dim, generator=gen) * 3).bfloat16()
+    delta = torch.randn(rows, dim, generator=gen).bfloat16()
+    weight = (0.5 + torch.rand(dim, generator=gen)).bfloat16()
+    norm = amx.AddRMSNorm(weight, 1e-5)
+    want_h = h + delta  # bf16 add, rounded as the kernel rounds it
+    want = torch.nn.functional.rms_norm(want_h.float(), (dim,), weight.float(), 1e-5)
+    got_plain = norm(want_h.clone())
+    stream = h.clone()
+    got = norm(stream, delta)
+    assert torch.equal(stream, want_h)  # the residual stream updated in place
+    for out in (got, got_plain):
+        assert out.dtype == torch.bfloat16
+        assert (out.float() - want).abs().max() <= want.abs().max() * 2**-8  # one bf16 rounding
+
+
 def _generate(ckpt: Path, backend: str, tp: int = 1) -> tuple[LLM, list[tuple[list[int], list[float]]]]:
     llm = LLM(ckpt, dtype="bfloat16", moe_backend=backend, tensor_parallel_size=tp,
               cache={"kv_cache_bytes": 8 << 20}, load_progress=False)
