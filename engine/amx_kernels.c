@@ -2,7 +2,8 @@
 //   amx_moe_forward: Mixtral's expert block on one layer in one call: routing sort, both expert
 //                    matmuls, SiLU-and-product, and the weighted sum of each token's experts;
 //   amx_linear:      y = x W^T for the dense projections (attention, LM head);
-//   add_rms_norm:    the residual add and the RMSNorm after it, one pass over the rows.
+//   add_rms_norm:    the residual add and the RMSNorm after it, one pass over the rows;
+//   decode_attention: one query token per sequence over its paged K/V, read in place.
 //
 // Why a kernel of our own: per expert, oneDNN costs ~25 us a call and streams at most ~24 GB/s,
 // and the small ops between the calls run with cold caches. Here every thread streams one
@@ -257,5 +258,53 @@ void add_rms_norm(uint16_t *h, const uint16_t *delta, const uint16_t *weight, fl
         uint16_t *out = normed + t * D;
 #pragma omp simd
         for (int64_t j = 0; j < D; ++j) out[j] = to_bf16(bf16_to_float(row[j]) * inv * bf16_to_float(weight[j]));
+    }
+}
+
+// out [B, H, hd] = softmax(q k^T / sqrt(hd)) v for one query token per sequence: row b attends to
+// positions [first[b], last[b]] of its context, whose cache slots are slots[b, :] (K/V caches
+// [S, KVH, hd]). The G = H / KVH query heads sharing a KV head are done together, so each K/V row
+// is read once. Scratch: scores [num_threads, G, L] fp32.
+void decode_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *slots,
+                      const int64_t *first, const int64_t *last, int64_t B, int64_t H, int64_t KVH, int64_t hd,
+                      int64_t L, int64_t num_threads, float *scores, uint16_t *out) {
+    const int64_t G = H / KVH;
+    const float scale = 1.0f / sqrtf((float)hd);
+#pragma omp parallel for num_threads(B * KVH < num_threads ? B * KVH : num_threads) schedule(static)
+    for (int64_t task = 0; task < B * KVH; ++task) {
+        const int64_t b = task / KVH, kvh = task % KVH, lo = first[b], hi = last[b] + 1;
+        float *s = scores + (int64_t)omp_get_thread_num() * G * L;
+        float qf[G][hd], acc[G][hd], mx[G], denom[G];
+        for (int64_t g = 0; g < G; ++g) {
+            const uint16_t *qr = q + (b * H + kvh * G + g) * hd;
+            for (int64_t d = 0; d < hd; ++d) qf[g][d] = bf16_to_float(qr[d]) * scale;
+            mx[g] = -INFINITY;
+            denom[g] = 0.0f;
+            for (int64_t d = 0; d < hd; ++d) acc[g][d] = 0.0f;
+        }
+        for (int64_t j = lo; j < hi; ++j) {
+            const uint16_t *kr = k_cache + (slots[b * L + j] * KVH + kvh) * hd;
+            for (int64_t g = 0; g < G; ++g) {
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t d = 0; d < hd; ++d) dot += qf[g][d] * bf16_to_float(kr[d]);
+                s[g * L + j] = dot;
+                mx[g] = dot > mx[g] ? dot : mx[g];
+            }
+        }
+        for (int64_t j = lo; j < hi; ++j) {
+            const uint16_t *vr = v_cache + (slots[b * L + j] * KVH + kvh) * hd;
+            for (int64_t g = 0; g < G; ++g) {
+                const float p = expf(s[g * L + j] - mx[g]);
+                denom[g] += p;
+#pragma omp simd
+                for (int64_t d = 0; d < hd; ++d) acc[g][d] += p * bf16_to_float(vr[d]);
+            }
+        }
+        for (int64_t g = 0; g < G; ++g) {
+            uint16_t *o = out + (b * H + kvh * G + g) * hd;
+            const float inv = 1.0f / denom[g];
+            for (int64_t d = 0; d < hd; ++d) o[d] = to_bf16(acc[g][d] * inv);
+        }
     }
 }

@@ -7,10 +7,16 @@ sequence's context is the list of slots its block table points to. The model run
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+# (q [B, H, hd], k_cache, v_cache, slots [B, L], first [B], last [B]) -> [B, H, hd]
+DecodeKernel = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
+]
 
 
 @dataclass
@@ -36,6 +42,9 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None  # [B, L] cache slots of each decode sequence's context
     decode_mask: torch.Tensor | None  # [B, 1, 1, L] True = attend (real, in-window positions)
     prefills: list[PrefillChunk]
+    # The same visibility as positions, for kernels that read the cache in place: [B] each, int64.
+    decode_first: torch.Tensor | None = None  # first visible position (sliding window)
+    decode_last: torch.Tensor | None = None  # the query's own position
 
 
 def paged_attention(
@@ -45,13 +54,20 @@ def paged_attention(
     k_cache: torch.Tensor,  # [S, KVH, hd]
     v_cache: torch.Tensor,  # [S, KVH, hd]
     meta: AttentionMetadata,
+    decode_kernel: DecodeKernel | None = None,
 ) -> torch.Tensor:
-    """Writes this step's K/V into the cache, then attends; returns [T, H * hd]."""
+    """Writes this step's K/V into the cache, then attends; returns [T, H * hd].
+
+    `decode_kernel` serves the decode rows straight from the cache (engine.amx on CPUs) instead
+    of gathering their contexts for SDPA."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)  # [T, H, hd]
     b = meta.num_decode
-    if b:
+    if b and decode_kernel is not None and meta.decode_first is not None and meta.decode_last is not None:
+        assert meta.decode_slots is not None
+        out[:b] = decode_kernel(q[:b], k_cache, v_cache, meta.decode_slots, meta.decode_first, meta.decode_last)
+    elif b:
         assert meta.decode_slots is not None
         kc = k_cache[meta.decode_slots].transpose(1, 2)  # [B, KVH, L, hd]
         vc = v_cache[meta.decode_slots].transpose(1, 2)  # [B, KVH, L, hd]

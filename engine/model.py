@@ -126,9 +126,14 @@ class Attention(nn.Module):
         self.o_scale = _param(cfg.hidden_size, dtype=torch.float32) if fp8 else None
         self.qkv_proj: Linear | None = None  # set by `Mixtral.prepare`
         self.o_proj: Linear | None = None
+        self.decode_kernel: amx.DecodeAttention | None = None
+        self.cache_dtype = dtype
 
     def prepare(self) -> None:
+        device = self.qkv.device
         self.qkv_proj, self.o_proj = _prepared(self.qkv, self.qkv_scale), _prepared(self.o, self.o_scale)
+        if amx.supports_attention(self.cache_dtype, device):
+            self.decode_kernel = amx.DecodeAttention(self.n_heads, self.n_kv, self.hd)
 
     def forward(
         self,
@@ -144,7 +149,7 @@ class Attention(nn.Module):
         qk = apply_rotary(qkv[:, : self.n_heads + self.n_kv], *rope)  # [T, H + KVH, hd]
         q, k = qk.split([self.n_heads, self.n_kv], dim=1)  # [T, H, hd], [T, KVH, hd]
         v = qkv[:, self.n_heads + self.n_kv :]  # [T, KVH, hd]
-        attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta)  # [T, H hd]
+        attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.decode_kernel)  # [T, H hd]
         return self.tp.all_reduce(self.o_proj(attn))  # [T, D] summed over ranks' heads
 
 

@@ -113,9 +113,13 @@ class ModelRunner:
         decodes = [item for item in items if item.is_decode]
         slot_parts: list[torch.Tensor] = []
         decode_slots = decode_mask = None
+        decode_first = decode_last = None
         if decodes:
             d = self._decode_inputs(decodes, len(decodes), max(item.start for item in decodes) + 1)
             decode_slots, decode_mask = d.context_slots, d.mask
+            decode_last = d.positions  # [B]
+            window = self.cfg.sliding_window
+            decode_first = torch.zeros_like(d.positions) if window is None else (d.positions - window + 1).clamp_(min=0)
             slot_parts.append(d.slot_mapping)
         chunks: list[PrefillChunk] = []
         offset = len(decodes)
@@ -135,6 +139,8 @@ class ModelRunner:
             decode_slots=decode_slots,
             decode_mask=decode_mask,
             prefills=chunks,
+            decode_first=decode_first,
+            decode_last=decode_last,
         )
         return input_ids, positions, meta
 

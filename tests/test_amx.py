@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams, amx
+from engine.attention import AttentionMetadata, paged_attention
 from engine.checkpoint import PRESETS
 from engine.linear import Linear
 from engine.model import resolve_moe_backend
@@ -141,6 +142,35 @@ def test_add_rms_norm_matches_torch(rows: int, dim: int) -> None:
     for out in (got, got_plain):
         assert out.dtype == torch.bfloat16
         assert (out.float() - want).abs().max() <= want.abs().max() * 2**-8  # one bf16 rounding
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 64), (6, 1, 16), (4, 4, 128)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_attention_matches_sdpa_path(heads: int, kv_heads: int, head_dim: int, window: int | None) -> None:
+    """Sequences of 1 to 40 positions over scattered cache slots: the kernel reading the cache in
+    place against paged_attention's gather + SDPA path on the same metadata."""
+    gen = torch.Generator().manual_seed(heads + head_dim)
+    slots_total, b = 512, 5
+    k_cache = torch.randn(slots_total, kv_heads, head_dim, generator=gen).bfloat16()
+    v_cache = torch.randn(slots_total, kv_heads, head_dim, generator=gen).bfloat16()
+    positions = torch.tensor([0, 3, 17, 39, 25])  # [B] each query's own position
+    length = int(positions.max()) + 1
+    slots = torch.randperm(slots_total, generator=gen)[: b * length].view(b, length)  # [B, L] distinct slots
+    k_pos = torch.arange(length)
+    visible = k_pos <= positions[:, None]
+    first = torch.zeros_like(positions) if window is None else (positions - window + 1).clamp(min=0)
+    visible &= k_pos >= first[:, None]
+    q = torch.randn(b, heads, head_dim, generator=gen).bfloat16()
+    kv = torch.randn(b, kv_heads, head_dim, generator=gen).bfloat16()  # this step's K/V (written first)
+    meta = AttentionMetadata(
+        slot_mapping=slots.gather(1, positions[:, None]).squeeze(1), num_decode=b, decode_slots=slots,
+        decode_mask=visible[:, None, None, :], prefills=[], decode_first=first, decode_last=positions,
+    )
+    kernel = amx.DecodeAttention(heads, kv_heads, head_dim)
+    want = paged_attention(q, kv, kv, k_cache.clone(), v_cache.clone(), meta)  # [B, H hd]
+    got = paged_attention(q, kv, kv, k_cache.clone(), v_cache.clone(), meta, kernel)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, want.float()) < 2e-2
 
 
 def _generate(ckpt: Path, backend: str, tp: int = 1) -> tuple[LLM, list[tuple[list[int], list[float]]]]:
