@@ -173,12 +173,18 @@ def test_decode_attention_matches_sdpa_path(heads: int, kv_heads: int, head_dim:
     assert rel_err(got, want.float()) < 2e-2
 
 
+PROMPTS = [[1, 2, 3, 4, 5, 6], [1, *range(300, 340)], [1, *range(900, 905)]]
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+
+
+def _runs(llm: LLM) -> list[tuple[list[int], list[float]]]:
+    return [(r.token_ids, [lp.logprob for lp in r.outputs[0].logprobs]) for r in llm.generate(PROMPTS, GREEDY)]
+
+
 def _generate(ckpt: Path, backend: str, tp: int = 1) -> tuple[LLM, list[tuple[list[int], list[float]]]]:
     llm = LLM(ckpt, dtype="bfloat16", moe_backend=backend, tensor_parallel_size=tp,
               cache={"kv_cache_bytes": 8 << 20}, load_progress=False)
-    prompts = [[1, 2, 3, 4, 5, 6], [1, *range(300, 340)], [1, *range(900, 905)]]
-    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
-    return llm, [(r.token_ids, [lp.logprob for lp in r.outputs[0].logprobs]) for r in llm.generate(prompts, greedy)]
+    return llm, _runs(llm)
 
 
 def test_amx_backend_in_the_model(make_checkpoint: CheckpointFactory) -> None:
@@ -186,9 +192,20 @@ def test_amx_backend_in_the_model(make_checkpoint: CheckpointFactory) -> None:
     oneDNN backend does (first tokens equal, logprobs within bf16 noise)."""
     ckpt = make_checkpoint(PRESETS["tiny"], dtype="bfloat16")
     llm, amx_runs = _generate(ckpt, "amx")
-    moe = llm.engine.model.layers[0].moe
+    model = llm.engine.model
+    moe = model.layers[0].moe
     assert moe.amx_experts is not None and moe.w13.numel() == 0 and moe.w2.numel() == 0
-    del llm
+    # The same model with the attention and norm kernels switched off: PyTorch's gather + SDPA
+    # and F.rms_norm instead.
+    assert all(layer.attn.decode_kernel is not None and layer.ffn_norm.kernel is not None for layer in model.layers)
+    for layer in model.layers:
+        layer.attn.decode_kernel = layer.attn_norm.kernel = layer.ffn_norm.kernel = None
+    model.norm.kernel = None
+    plain = _runs(llm)
+    for (k_ids, k_lp), (p_ids, p_lp) in zip(amx_runs, plain):
+        assert k_ids[:3] == p_ids[:3]
+        assert max(abs(a - b) for a, b in zip(k_lp[:3], p_lp[:3])) < 0.05
+    del llm, model, moe
     _, onednn_runs = _generate(ckpt, "torch")
     for (a_ids, a_lp), (o_ids, o_lp) in zip(amx_runs, onednn_runs):
         assert a_ids[0] == o_ids[0]
