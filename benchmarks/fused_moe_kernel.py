@@ -10,18 +10,20 @@
       `engine.fused_moe_triton._TILE_TABLE`.
 
   python benchmarks/fused_moe_kernel.py cpu-fp8 [--M 1 16]
-      The CPU question behind `engine.quant.fp8_linear`: can an fp8 weight matmul beat fp32 or
-      bf16 `x @ W.T` on the "bench" expert shapes (w13 [7168, 1024], w2 [1024, 3584])? Weights
+      Can an fp8 weight matmul beat fp32 or bf16 `x @ W.T` on the "bench" expert shapes
+      (w13 [7168, 1024], w2 [1024, 3584])? PyTorch's ways of running one (`engine.quant.fp8_linear`,
+      torch.compile'd GEMVs) against the project's kernel (`engine.cpu_kernels.CpuLinear`). Weights
       are replicated into pools larger than the last-level cache so each call streams from DRAM;
       methods are interleaved and the best and median of several passes are printed (the box
       is shared: the best pass is the least disturbed one).
 
-  python benchmarks/fused_moe_kernel.py cpu-amx [--tokens 1 4 16 64 256 1024] [--layers 8]
-      The CPU expert block on the "bench" shapes (D=1024, I=3584, E=8, top-2): the AMX kernel
-      (`engine.amx`) against the oneDNN per-expert path (`engine.moe.fused_moe`), both bf16,
-      over `--layers` layers of distinct weights (more than the last-level cache holds), so each
-      call streams its experts from DRAM as in a real step. Prints ms per layer, GB/s of active
-      expert weights and TFLOP/s, interleaved passes, best of them.
+  python benchmarks/fused_moe_kernel.py cpu-kernels [--tokens 1 4 16 64 256 1024] [--layers 8]
+      The CPU expert block on the "bench" shapes (D=1024, I=3584, E=8, top-2): the project's
+      kernels (`engine.cpu_kernels`: bf16 in every build this CPU runs, and fp8) against the
+      oneDNN per-expert path (`engine.moe.fused_moe`, bf16), over `--layers` layers of distinct
+      weights (more than the last-level cache holds), so each call streams its experts from DRAM
+      as in a real step. Prints ms per layer, GB/s of active expert weights (in their own bytes)
+      and TFLOP/s, interleaved passes, best of them.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import amx  # noqa: E402
+from engine import cpu_kernels  # noqa: E402
 from engine.linear import Linear  # noqa: E402
 from engine.moe import fused_moe, make_experts, select_experts  # noqa: E402
 from engine.quant import fp8_linear, quantize_fp8  # noqa: E402
@@ -150,6 +152,10 @@ def _blockwise(convert: Callable[[torch.Tensor], torch.Tensor], rows: int) -> Ca
 
 
 def run_cpu(ms_: list[int], pool_mb: int, passes: int) -> None:
+    isas = cpu_kernels.available_isas()
+    if not isas:
+        sys.exit("the fp8 CPU kernel does not run here (it needs AVX512-BF16 and gcc)")
+    isa = isas[0]
     compiled_mulsum = torch.compile(_mulsum, dynamic=False)
     compiled_deq = torch.compile(_deq_linear, dynamic=False)
     compiled_bits = torch.compile(_mulsum_bits, dynamic=False)
@@ -171,6 +177,7 @@ def run_cpu(ms_: list[int], pool_mb: int, passes: int) -> None:
                 "bf16": (lambda: (master.bfloat16(),), n * k * 2),
                 "bf16 onednn": (lambda: (Linear(master.bfloat16()),), n * k * 2),
                 "fp8": (lambda: (w8.clone(), scale.clone()), n * k + n * 4),
+                "fp8 kernel": (lambda: (Linear(w8, scale, isa=isa),), n * k + n * 4),
             }
             pools = {fmt: ([make() for _ in range(1 + pool_mb * 2**20 // nbytes)], nbytes)
                      for fmt, (make, nbytes) in makers.items()}
@@ -178,6 +185,7 @@ def run_cpu(ms_: list[int], pool_mb: int, passes: int) -> None:
                 ("fp32 x @ W.T", x32, "fp32", lambda x, w: x @ w.t()),
                 ("bf16 x @ W.T", xbf, "bf16", lambda x, w: x @ w.t()),
                 ("bf16 engine Linear (oneDNN packed)", xbf, "bf16 onednn", lambda x, lin: lin(x)),
+                ("fp8 engine Linear (CPU kernel)", xbf, "fp8 kernel", lambda x, lin: lin(x)),
                 ("fp8 fp8_linear (x fp32)", x32, "fp8", fp8_linear),
                 ("fp8 fp8_linear (x bf16)", xbf, "fp8", fp8_linear),
                 ("fp8 compiled mul-sum GEMV (x fp32)", x32, "fp8", compiled_mulsum),
@@ -206,37 +214,44 @@ def run_cpu(ms_: list[int], pool_mb: int, passes: int) -> None:
             del pools
 
 
-def run_cpu_amx(tokens: list[int], layers: int, passes: int) -> None:
-    if not amx.supports(torch.bfloat16, 1024, 3584):
-        sys.exit("the AMX kernel does not run here (needs an AMX CPU and gcc)")
+def run_cpu_kernels(tokens: list[int], layers: int, passes: int) -> None:
+    isas = cpu_kernels.available_isas()
+    if not isas:
+        sys.exit("the CPU kernels do not run here (they need AVX512-BF16 or AMX, and gcc)")
     e, d, inter, top_k = 8, 1024, 3584, 2
     gen = torch.Generator().manual_seed(0)
-    amx, onednn = [], []
+    kernels: dict[str, list[cpu_kernels.CpuExperts]] = {}
+    onednn = []
     for _ in range(layers):
-        w13 = (torch.randn(e, 2 * inter, d, generator=gen) * d**-0.5).bfloat16()  # [E, 2I, D]
-        w2 = (torch.randn(e, d, inter, generator=gen) * inter**-0.5).bfloat16()  # [E, D, I]
-        amx.append(amx.AmxExperts(w13, w2))
-        onednn.append(make_experts(w13, w2))
+        w13 = torch.randn(e, 2 * inter, d, generator=gen) * d**-0.5  # [E, 2I, D]
+        w2 = torch.randn(e, d, inter, generator=gen) * inter**-0.5  # [E, D, I]
+        (q13, s13), (q2, s2) = quantize_fp8(w13, per_channel=True), quantize_fp8(w2, per_channel=True)
+        for isa in isas:
+            kernels.setdefault(f"{isa} bf16", []).append(cpu_kernels.CpuExperts(isa, w13.bfloat16(), w2.bfloat16()))
+        # fp8 runs on AVX512-BF16 in every build: one build's timing is the figure.
+        kernels.setdefault("fp8", []).append(cpu_kernels.CpuExperts(isas[0], q13, q2, s13, s2))
+        onednn.append(make_experts(w13.bfloat16(), w2.bfloat16()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {layers} layers of bench experts")
     print(f"{'tokens':>6} {'experts':>7} {'path':<16} {'ms/layer':>9} {'GB/s':>6} {'TFLOP/s':>8}")
     for t in tokens:
         x = torch.randn(t, d, generator=gen).bfloat16()  # [T, D]
         weights, ids = select_experts(torch.randn(t, e, generator=gen), top_k)  # [T, k]
         paths: dict[str, Callable[[int], torch.Tensor]] = {
-            "amx kernel": lambda i: amx[i](x, weights, ids),
-            "oneDNN experts": lambda i: fused_moe(x, onednn[i], weights, ids),
+            name: (lambda i, ks=ks: ks[i](x, weights, ids)) for name, ks in kernels.items()
         }
+        paths["oneDNN bf16"] = lambda i: fused_moe(x, onednn[i], weights, ids)
         best = {name: float("inf") for name in paths}
-        for _ in range(passes):
+        for _ in range(passes):  # interleaved, so a busy moment hits every path alike
             for name, fn in paths.items():
                 start = time.perf_counter()
                 for i in range(layers):
                     fn(i)
                 best[name] = min(best[name], (time.perf_counter() - start) / layers)
         active = int(torch.unique(ids).numel())
-        nbytes, flops = active * 3 * d * inter * 2, t * top_k * 3 * d * inter * 2
-        for name, s in best.items():
-            print(f"{t:6d} {active:7d} {name:<16} {s * 1e3:9.2f} {nbytes / s / 1e9:6.1f} {flops / s / 1e12:8.2f}")
+        flops = t * top_k * 3 * d * inter * 2
+        for name, sec in best.items():
+            nbytes = active * 3 * d * inter * (1 if name == "fp8" else 2)
+            print(f"{t:6d} {active:7d} {name:<16} {sec * 1e3:9.2f} {nbytes / sec / 1e9:6.1f} {flops / sec / 1e12:8.2f}")
 
 
 def main() -> None:
@@ -249,13 +264,13 @@ def main() -> None:
     cpu.add_argument("--M", type=int, nargs="+", default=[1, 16])
     cpu.add_argument("--pool-mb", type=int, default=768, help="weight bytes per format (> last-level cache)")
     cpu.add_argument("--passes", type=int, default=7)
-    amx = sub.add_parser("cpu-amx", help="the AMX expert kernel vs oneDNN per-expert matmuls on the CPU")
-    amx.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024])
-    amx.add_argument("--layers", type=int, default=8)
-    amx.add_argument("--passes", type=int, default=3)
+    kern = sub.add_parser("cpu-kernels", help="the CPU expert kernels (bf16, fp8) vs oneDNN per-expert matmuls")
+    kern.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024])
+    kern.add_argument("--layers", type=int, default=8)
+    kern.add_argument("--passes", type=int, default=5)
     args = parser.parse_args()
-    if args.cmd == "cpu-amx":
-        run_cpu_amx(args.tokens, args.layers, args.passes)
+    if args.cmd == "cpu-kernels":
+        run_cpu_kernels(args.tokens, args.layers, args.passes)
     elif args.cmd == "gpu":
         if not torch.cuda.is_available():
             sys.exit("the gpu benchmark needs a CUDA GPU")

@@ -33,6 +33,7 @@ def engine_config(model: Path | None, tier: TierConfig, chat_template: str) -> E
         quantization=e.quantization,
         fp8_per_channel=e.fp8_per_channel,
         moe_backend=e.moe_backend,
+        cpu_kernels=e.cpu_kernels,
         decode_graphs=DecodeGraphConfig(max_batch=e.cuda_graph_max_batch, max_context=e.cuda_graph_max_context),
         chat_template=chat_template,
         seed=e.seed,

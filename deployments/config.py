@@ -55,9 +55,11 @@ class EngineSettings(_Strict):
     tensor_parallel_size: int = Field(1, ge=1)
     quantization: Literal["fp8"] | None = None
     fp8_per_channel: bool = True
-    # "auto": the Triton fused-MoE kernel on GPUs (fp8 experts stay fp8), the AMX kernel on CPUs
-    # that have AMX, oneDNN matmuls per expert on other CPUs.
-    moe_backend: Literal["auto", "torch", "triton", "amx"] = "auto"
+    # The project's CPU kernels (AMX tiles or AVX512-BF16; "auto": the best this CPU runs, for bf16).
+    cpu_kernels: Literal["auto", "amx", "avx512", "off"] = "auto"
+    # "auto": the Triton fused-MoE kernel on GPUs, the CPU kernel where the CPU kernels run (both
+    # keep fp8 weights in fp8), oneDNN matmuls per expert on other CPUs.
+    moe_backend: Literal["auto", "torch", "triton", "cpu"] = "auto"
     # CUDA graphs replay decode steps of up to this many sequences and context tokens (device
     # cuda; ignored on CPUs). 0 turns them off.
     cuda_graph_max_batch: int = Field(64, ge=0)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from engine.config import EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
 from engine.parallel import WorkerLauncher, launch_local
-from engine.outputs import EngineDeadError, EngineStats, RequestFailedError, RequestOutput
+from engine.outputs import EngineDeadError, EngineStats, RequestFailedError, RequestOutput, StepFailedError
 from engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -167,9 +167,12 @@ class AsyncEngine:
             outputs = self.engine.step() if self.engine.has_unfinished else []
         except EngineDeadError:
             raise  # a lost tensor-parallel rank cannot be recovered here: the loop dies, health fails
-        except Exception as err:  # noqa: BLE001 - one bad step fails its requests, not the loop
-            log.exception("engine step failed; failing the requests in flight")
-            outputs = self.engine.fail_all(f"engine step failed: {type(err).__name__}: {err}")
+        except StepFailedError as err:  # one bad step fails its own requests, not the loop
+            log.exception("engine step failed; failing the %d requests it ran", len(err.request_ids))
+            outputs = self.engine.fail_requests(err.request_ids, str(err))
+        except Exception as err:  # noqa: BLE001 - outside the model: which requests it left broken is unknown
+            log.exception("engine step failed outside the model; failing every request")
+            outputs = self.engine.fail_requests(list(self.engine.requests), f"engine step failed: {type(err).__name__}: {err}")
         self._stats = self.engine.stats()
         self.last_step_end = time.monotonic()
         return outputs, early

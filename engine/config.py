@@ -62,10 +62,15 @@ class EngineConfig(BaseModel):
     # fp8 (e4m3) weights for attention and experts; router, norms, embeddings, LM head stay.
     quantization: Literal["fp8"] | None = None
     fp8_per_channel: bool = True  # one scale per output row (False: one per weight matrix)
-    # Expert computation: "amx" (one fused CPU kernel per layer on Intel AMX tiles, bf16), "torch"
-    # (oneDNN matmuls per expert, any CPU), "triton" (the fused GPU kernel, which keeps fp8 expert
-    # weights in fp8), or "auto": triton on GPUs, amx on CPUs that run it, else torch.
-    moe_backend: Literal["auto", "torch", "triton", "amx"] = "auto"
+    # The project's CPU kernels (engine/cpu_kernels.c) for dense projections, norms and decode
+    # attention, and for the experts with moe_backend "cpu": "amx" (Intel AMX tiles), "avx512"
+    # (AVX512-BF16), "off" (oneDNN and PyTorch ops), or "auto": the best this CPU runs, for bf16
+    # models. They keep fp8 weights in fp8.
+    cpu_kernels: Literal["auto", "amx", "avx512", "off"] = "auto"
+    # Expert computation: "cpu" (the whole block of a layer in one CPU kernel call), "torch" (oneDNN
+    # matmuls per expert, any CPU), "triton" (the fused GPU kernel, which keeps fp8 expert weights
+    # in fp8), or "auto": triton on GPUs, cpu where the CPU kernels run, else torch.
+    moe_backend: Literal["auto", "torch", "triton", "cpu"] = "auto"
     chat_template: ChatTemplate = "mistral"
     seed: int = 0
     cache: CacheConfig = CacheConfig()

@@ -3,15 +3,16 @@
 NOTE: on CPUs PyTorch's plain bf16 `x @ W.T` streams weights at a fraction of memory
 bandwidth, while oneDNN with its weight pre-reordered into its blocked layout streams them
 near bandwidth (see benchmarks/peers/cpu_kernels.py). Decode is bound by reading weights,
-so bf16 weights on CPU are reordered once at start-up and the originals released. On CPUs with
-AMX our own kernel (`engine.amx`) streams them faster still, with less cost per call.
+so bf16 weights on CPU are reordered once at start-up and the originals released. Where the
+project's own kernels run (`engine.cpu_kernels`: AMX or AVX512-BF16) they take the weight instead,
+with less cost per call, and read fp8 weights as they are.
 """
 
 from __future__ import annotations
 
 import torch
 
-from engine import amx
+from engine import cpu_kernels
 from engine.quant import FP8, quantize_act_fp8
 
 # Batch-size hint for oneDNN's reorder: decode steps run a few to a few tens of rows.
@@ -25,24 +26,27 @@ def onednn_bf16_available() -> bool:
 class Linear:
     """y = x @ W.T for one weight W [N, K], in the fastest layout for where it lives.
 
-    An fp8 weight comes with one fp32 scale per output row [N] and runs as `torch._scaled_mm` with
-    activations quantised per token: fp8 tensor cores on GPUs (the CPU kernel is correct but slow,
-    so fp8 reaches CPUs dequantised, engine/loader.py). A bf16 CPU weight goes to the AMX kernel
-    where it runs (`use_amx`), else to oneDNN.
+    An fp8 weight comes with one fp32 scale per output row [N]. With `isa` (the CPU kernels'
+    instruction set, `engine.cpu_kernels`) a bf16 or fp8 CPU weight of whole panels goes to the
+    project's kernel. Otherwise fp8 runs as `torch._scaled_mm` with activations quantised per
+    token (fp8 tensor cores on GPUs; PyTorch's CPU kernel is correct but slow, so without our
+    kernels fp8 reaches CPUs dequantised, engine/loader.py), and bf16 CPU weights go to oneDNN.
     """
 
-    __slots__ = ("weight", "packed", "amx", "scale", "out_features")
+    __slots__ = ("weight", "packed", "kernel", "scale", "out_features")
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None = None, use_amx: bool = True) -> None:
+    def __init__(
+        self, weight: torch.Tensor, scale: torch.Tensor | None = None, isa: cpu_kernels.Isa | None = None
+    ) -> None:
         if (weight.dtype == FP8) != (scale is not None):
             raise ValueError("an fp8 weight needs its per-row scales, and only an fp8 weight takes them")
         self.out_features = weight.shape[0]
         self.packed: torch.Tensor | None = None
-        self.amx: amx.AmxLinear | None = None
+        self.kernel: cpu_kernels.CpuLinear | None = None
         self.weight = weight
         self.scale = None if scale is None else scale.float().view(1, -1)  # [1, N]
-        if use_amx and amx.supports_linear(weight):
-            self.amx = amx.AmxLinear(weight)
+        if isa is not None and weight.device.type == "cpu" and cpu_kernels.fits_linear(*weight.shape):
+            self.kernel = cpu_kernels.CpuLinear(isa, weight, scale)
             self.weight = weight.new_empty(0)  # the packed copy is the only one kept
         elif weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and onednn_bf16_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _ONEDNN_BATCH_HINT)
@@ -51,11 +55,11 @@ class Linear:
     @property
     def repacked(self) -> bool:
         """Whether the weight lives only in a kernel's own layout (the original was released)."""
-        return self.amx is not None or self.packed is not None
+        return self.kernel is not None or self.packed is not None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.amx is not None:
-            return self.amx(x)  # [M, N]
+        if self.kernel is not None:
+            return self.kernel(x)  # [M, N]
         return self._packed(x) if self.packed is not None else self._plain(x)  # [M, N]
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from engine.config import EngineConfig
 from engine.kv_cache import BlockManager
 from engine.model_runner import StepOutput, build_runner
 from engine.parallel import TPGroup, WorkerHandle, WorkerLauncher, free_port, init_group, launch_local
-from engine.outputs import ChoiceDelta, EngineDeadError, EngineStats, RequestError, RequestOutput
+from engine.outputs import ChoiceDelta, EngineDeadError, EngineStats, RequestError, RequestOutput, StepFailedError
 from engine.sampling import SamplingParams, make_generator
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus, TokenLogprob
@@ -140,12 +140,14 @@ class LLMEngine:
                 choices.append(ChoiceDelta(index=seq.index, token_ids=[], text="", finish_reason="abort"))
         return self._request_output(request_id, seqs, choices)
 
-    def fail_all(self, message: str) -> list[RequestOutput]:
-        """Ends every request with an error (used when a step raised)."""
+    def fail_requests(self, request_ids: list[str], message: str) -> list[RequestOutput]:
+        """Ends these requests with an error and frees their blocks (used when a step raised)."""
         outputs = []
-        for request_id, seqs in list(self.requests.items()):
-            self.abort_request(request_id)
-            outputs.append(self._request_output(request_id, seqs, [], error=message))
+        for request_id in request_ids:
+            seqs = self.requests.get(request_id)
+            if seqs is not None:
+                self.abort_request(request_id)
+                outputs.append(self._request_output(request_id, seqs, [], error=message))
         return outputs
 
     @property
@@ -171,7 +173,14 @@ class LLMEngine:
         if dead:
             raise EngineDeadError(f"tensor-parallel rank(s) {dead} died")
         computed_before = {id(s.seq): s.seq.num_computed_tokens for s in batch}
-        result = self.runner.execute(batch)
+        try:
+            result = self.runner.execute(batch)
+        except EngineDeadError:
+            raise
+        except Exception as err:
+            # NOTE: a failed step wrote KV only for its own sequences; requests outside the batch
+            # keep their state and go on.
+            raise StepFailedError(list(dict.fromkeys(s.seq.request_id for s in batch)), err) from err
         for item in batch:
             seq = item.seq
             before = computed_before[id(seq)]

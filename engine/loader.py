@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from engine.cpu_kernels import Isa
 from engine.model import Mixtral, MoEBackend
 from engine.parallel import TPGroup, check_tp_size
 from engine.quant import dequantize_fp8, is_quantised, quantize_fp8, read_fp8_config, row_scales, split_fp8_name
@@ -115,11 +116,12 @@ def load_weights(
     """Fills every parameter of `model` (this rank's slices) from the checkpoint.
 
     fp8: `quantization="fp8"` quantises each checkpoint tensor on its own, as fp8 checkpoints
-    are written, so both give the same model. With the Triton MoE backend (GPUs) the weights stay
-    fp8 with per-row scales (experts for the fused kernel, attention for `torch._scaled_mm`);
-    otherwise they run as fp8-rounded weights in the compute dtype.
-    NOTE: on CPU converting fp8 inside the matmul costs more than the bytes it saves
-    (engine/quant.py), so there fp8 is dequantised here. Static activation scales are not used.
+    are written, so both give the same model. On the Triton MoE backend (GPUs) the weights stay
+    fp8 with per-row scales (experts for the fused kernel, attention for `torch._scaled_mm`), and
+    on the cpu backend for the project's CPU kernels (engine/cpu_kernels.c), which widen them to
+    bf16 in registers; otherwise they run as fp8-rounded weights in the compute dtype (PyTorch's
+    own CPU fp8 matmuls cost more than the bytes they save, engine/quant.py). Static activation
+    scales are not used.
     """
     cfg = model.cfg
     expected = hf_tensor_shapes(cfg)
@@ -178,13 +180,18 @@ def load_model(
     quantization: Quantization = None,
     per_channel: bool = False,
     moe_backend: MoEBackend = "torch",
+    cpu_isa: Isa | None = None,
 ) -> tuple[Mixtral, ModelConfig]:
-    """The model, or with `tp` this rank's shard of it (each rank reads only its own slices)."""
+    """The model, or with `tp` this rank's shard of it (each rank reads only its own slices).
+
+    fp8 weights stay fp8 on the backends whose kernels read them (triton, cpu); elsewhere they
+    are dequantised at load.
+    """
     model_dir = Path(model_dir)
     cfg, fmt = load_model_config(model_dir)
     if tp is not None:
         check_tp_size(cfg, tp.world_size)
     fp8 = quantization == "fp8" or read_fp8_config(model_dir) is not None
-    model = Mixtral(cfg, dtype, tp, moe_backend, fp8_weights=fp8 and moe_backend == "triton")
+    model = Mixtral(cfg, dtype, tp, moe_backend, fp8_weights=fp8 and moe_backend in ("triton", "cpu"), cpu_isa=cpu_isa)
     load_weights(model, model_dir, fmt, progress, quantization, per_channel)
     return model.eval(), cfg

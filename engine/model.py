@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import amx
+from engine import cpu_kernels
 from engine.attention import AttentionMetadata, paged_attention
 from engine.linear import Linear
 from engine.model_config import ModelConfig
@@ -24,21 +24,31 @@ from engine.parallel import LocalShape, TPGroup
 from engine.quant import FP8, is_quantised
 
 
-MoEBackend = Literal["torch", "triton", "amx"]
+MoEBackend = Literal["torch", "triton", "cpu"]
 
 
 def resolve_moe_backend(
-    choice: Literal["auto", "torch", "triton", "amx"], device: torch.device, dtype: torch.dtype, cfg: ModelConfig,
-    tp_size: int,
+    choice: Literal["auto", "torch", "triton", "cpu"], device: torch.device, isa: cpu_kernels.Isa | None,
+    cfg: ModelConfig, tp_size: int,
 ) -> MoEBackend:
-    """The expert backend for `choice` ("auto": triton on GPUs, amx on CPUs that run it, else torch)."""
-    amx_runs = device.type == "cpu" and amx.supports(dtype, cfg.hidden_size, cfg.intermediate_size // tp_size)
+    """The expert backend for `choice` ("auto": triton on GPUs, the project's CPU kernel where
+    its instruction set `isa` was resolved and every per-rank shape fits it, else torch).
+
+    NOTE: "cpu" asks the attention projections to fit the kernel too, so fp8 weights, which stay
+    fp8 on this backend, never fall to PyTorch's slow CPU fp8 matmul.
+    """
+    d, hd = cfg.hidden_size, cfg.head_dim
+    local = LocalShape.of(cfg, TPGroup(world_size=tp_size))
+    kernel_runs = isa is not None and cpu_kernels.fits_experts(d, local.intermediate) and all(
+        cpu_kernels.fits_linear(n, k) for n, k in [((local.n_heads + 2 * local.n_kv_heads) * hd, d), (d, local.n_heads * hd)]
+    )
     if choice == "auto":
-        return "triton" if device.type == "cuda" else "amx" if amx_runs else "torch"
-    if choice == "amx" and not amx_runs:
+        return "triton" if device.type == "cuda" else "cpu" if kernel_runs else "torch"
+    if choice == "cpu" and not kernel_runs:
         raise ValueError(
-            "moe_backend 'amx' needs a Linux x86 CPU with AMX, gcc, bf16 weights, a hidden size that is a "
-            "multiple of 64 and a per-rank intermediate size that is a multiple of 32"
+            "moe_backend 'cpu' needs the CPU kernels (cpu_kernels 'auto', 'amx' or 'avx512' on a CPU that "
+            "runs them, bf16), a hidden size and per-rank q/k/v sizes that are multiples of 64, and a "
+            "per-rank intermediate size that is a multiple of 32"
         )
     return choice
 
@@ -48,9 +58,9 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
-def _prepared(param: nn.Parameter, scale: nn.Parameter | None = None) -> Linear:
+def _prepared(param: nn.Parameter, scale: nn.Parameter | None, isa: cpu_kernels.Isa | None) -> Linear:
     """The inference layout of a loaded weight; the parameter lets go of a weight that was copied."""
-    linear = Linear(param.data, None if scale is None else scale.data)
+    linear = Linear(param.data, None if scale is None else scale.data, isa)
     if linear.repacked:
         param.data = param.data.new_empty(0)
     return linear
@@ -68,11 +78,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = _param(dim, dtype=dtype)
-        self.kernel: amx.AddRMSNorm | None = None  # set by `prepare` where the CPU kernel runs
+        self.kernel: cpu_kernels.AddRMSNorm | None = None  # set by `prepare` where the CPU kernels run
 
-    def prepare(self) -> None:
-        if amx.supports_norm(self.weight.data):
-            self.kernel = amx.AddRMSNorm(self.weight.data, self.eps)
+    def prepare(self, isa: cpu_kernels.Isa | None) -> None:
+        if isa is not None:
+            self.kernel = cpu_kernels.AddRMSNorm(isa, self.weight.data, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
@@ -126,14 +136,12 @@ class Attention(nn.Module):
         self.o_scale = _param(cfg.hidden_size, dtype=torch.float32) if fp8 else None
         self.qkv_proj: Linear | None = None  # set by `Mixtral.prepare`
         self.o_proj: Linear | None = None
-        self.decode_kernel: amx.DecodeAttention | None = None
-        self.cache_dtype = dtype
+        self.decode_kernel: cpu_kernels.DecodeAttention | None = None
 
-    def prepare(self) -> None:
-        device = self.qkv.device
-        self.qkv_proj, self.o_proj = _prepared(self.qkv, self.qkv_scale), _prepared(self.o, self.o_scale)
-        if amx.supports_attention(self.cache_dtype, device):
-            self.decode_kernel = amx.DecodeAttention(self.n_heads, self.n_kv, self.hd)
+    def prepare(self, isa: cpu_kernels.Isa | None) -> None:
+        self.qkv_proj, self.o_proj = _prepared(self.qkv, self.qkv_scale, isa), _prepared(self.o, self.o_scale, isa)
+        if isa is not None and cpu_kernels.fits_attention(self.n_heads, self.n_kv, self.hd):
+            self.decode_kernel = cpu_kernels.DecodeAttention(isa, self.n_heads, self.n_kv, self.hd)
 
     def forward(
         self,
@@ -156,10 +164,10 @@ class Attention(nn.Module):
 class MoE(nn.Module):
     """Every expert, with this rank's slice of its intermediate dimension.
 
-    Backends: "torch" runs `engine.moe.fused_moe` over per-expert `Linear`s (CPUs); "amx" runs the
-    whole block as one CPU kernel over AMX-packed weights (`engine.amx`); "triton" runs the
-    fused GPU kernel straight over the stacked weights, which it can read in fp8 (`fp8`: weights
-    float8_e4m3fn with one fp32 scale per output row).
+    Backends: "torch" runs `engine.moe.fused_moe` over per-expert `Linear`s (CPUs); "cpu" runs the
+    whole block as one call of the project's CPU kernel over packed weights (`engine.cpu_kernels`);
+    "triton" runs the fused GPU kernel straight over the stacked weights. The kernels read fp8
+    as it is (`fp8`: weights float8_e4m3fn with one fp32 scale per output row).
     """
 
     def __init__(
@@ -177,15 +185,17 @@ class MoE(nn.Module):
         self.w13_scale = _param(e, 2 * i, dtype=torch.float32) if fp8 else None
         self.w2_scale = _param(e, d, dtype=torch.float32) if fp8 else None
         self.experts: list[Expert] = []  # set by `Mixtral.prepare` for the torch backend
-        self.amx_experts: amx.AmxExperts | None = None  # for amx
+        self.cpu_experts: cpu_kernels.CpuExperts | None = None  # for cpu
         self.triton_moe: Callable[..., torch.Tensor] | None = None  # set by `Mixtral.prepare` for triton
         self.gate_f32 = torch.empty(0)
 
-    def prepare(self) -> None:
+    def prepare(self, isa: cpu_kernels.Isa | None) -> None:
         if self.backend == "torch":
             self.experts = _prepared_experts(self.w13, self.w2)
-        elif self.backend == "amx":
-            self.amx_experts = amx.AmxExperts(self.w13.data, self.w2.data)
+        elif self.backend == "cpu":
+            assert isa is not None, "the cpu backend runs on resolved CPU kernels"
+            scales = (None, None) if self.w13_scale is None else (self.w13_scale.data, self.w2_scale.data)
+            self.cpu_experts = cpu_kernels.CpuExperts(isa, self.w13.data, self.w2.data, *scales)
             self.w13.data, self.w2.data = self.w13.data.new_empty(0), self.w2.data.new_empty(0)  # packed copy kept
         else:
             from engine.fused_moe_triton import fused_moe_triton  # GPU-only dependency, imported on use
@@ -202,8 +212,8 @@ class MoE(nn.Module):
         weights, ids = select_experts(router_logits, self.top_k)  # [T, k], [T, k]
         if self.triton_moe is not None:
             out = self.triton_moe(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale)  # [T, D]
-        elif self.amx_experts is not None:
-            out = self.amx_experts(x, weights, ids)  # [T, D] partial sum over this rank's slice
+        elif self.cpu_experts is not None:
+            out = self.cpu_experts(x, weights, ids)  # [T, D] partial sum over this rank's slice
         else:
             out = fused_moe(x, self.experts, weights, ids)  # [T, D] partial sum over this rank's slice
         return self.tp.all_reduce(out), ids
@@ -231,9 +241,11 @@ class Mixtral(nn.Module):
         tp: TPGroup | None = None,
         moe_backend: MoEBackend = "torch",
         fp8_weights: bool = False,
+        cpu_isa: cpu_kernels.Isa | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.cpu_isa = cpu_isa  # the project's CPU kernels: dense projections, norms, decode attention
         self.tp = tp or TPGroup()
         self.local = LocalShape.of(cfg, self.tp)
         self.fp8_weights = fp8_weights
@@ -249,13 +261,14 @@ class Mixtral(nn.Module):
 
     def prepare(self) -> "Mixtral":
         """Puts loaded weights into their inference layouts; the model runs only after this."""
+        isa = self.cpu_isa
         for layer in self.layers:
-            layer.attn_norm.prepare()
-            layer.attn.prepare()
-            layer.ffn_norm.prepare()
-            layer.moe.prepare()
-        self.norm.prepare()
-        self.lm_head_proj = _prepared(self.lm_head)
+            layer.attn_norm.prepare(isa)
+            layer.attn.prepare(isa)
+            layer.ffn_norm.prepare(isa)
+            layer.moe.prepare(isa)
+        self.norm.prepare(isa)
+        self.lm_head_proj = _prepared(self.lm_head, None, isa)
         return self
 
     @torch.inference_mode()

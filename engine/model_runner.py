@@ -14,6 +14,7 @@ from engine.config import DecodeGraphConfig, EngineConfig
 from engine.decode_graphs import DecodeGraphs, DecodeInputs
 from engine.host_memory import keep_freed_memory
 from engine.loader import load_model
+from engine.cpu_kernels import resolve_isa
 from engine.model import Mixtral, resolve_moe_backend
 from engine.model_config import ModelConfig, load_model_config
 from engine.parallel import TPGroup, init_group
@@ -242,8 +243,9 @@ def build_runner(config: EngineConfig, tp: TPGroup, eos_id: int) -> ModelRunner:
     if device.type == "cpu":
         keep_freed_memory()
     dtype = config.torch_dtype(checkpoint_dtype(model_dir))
+    isa = resolve_isa(config.cpu_kernels, device, dtype)
     moe_backend = resolve_moe_backend(
-        config.moe_backend, device, dtype, load_model_config(model_dir)[0], config.tensor_parallel_size
+        config.moe_backend, device, isa, load_model_config(model_dir)[0], config.tensor_parallel_size
     )
     with torch.device(device):
         model, cfg = load_model(
@@ -254,6 +256,7 @@ def build_runner(config: EngineConfig, tp: TPGroup, eos_id: int) -> ModelRunner:
             config.quantization,
             config.fp8_per_channel,
             moe_backend,
+            isa,
         )
         model.prepare()
     block_size = config.cache.block_size
@@ -262,7 +265,7 @@ def build_runner(config: EngineConfig, tp: TPGroup, eos_id: int) -> ModelRunner:
     num_blocks = tp.min(budget // per_block)
     if num_blocks < 1:
         raise ValueError(f"KV cache budget of {budget} bytes is smaller than one block ({per_block} bytes)")
-    log.info("rank %d: experts on the %s backend", tp.rank, moe_backend)
+    log.info("rank %d: experts on the %s backend, CPU kernels: %s", tp.rank, moe_backend, isa or "off")
     log.info("rank %d: KV cache %d blocks x %d tokens (%.1f MiB)", tp.rank, num_blocks, block_size,
              num_blocks * per_block / 2**20)
     # NOTE: only the Triton MoE can be captured: the torch path reads expert counts on the host.

@@ -1,8 +1,8 @@
 """Mixture-of-experts routing and expert dispatch.
 
 `fused_moe` is the PyTorch path over per-expert `Linear`s (any CPU); `engine.model.MoE` calls
-the AMX kernel (`engine.amx`) on CPUs that have AMX and the Triton kernel
-(`engine.fused_moe_triton`) on GPUs instead.
+the project's CPU kernel (`engine.cpu_kernels`, AMX or AVX512-BF16) on CPUs that run it and the
+Triton kernel (`engine.fused_moe_triton`) on GPUs instead.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ class Expert:
 def make_experts(w13: torch.Tensor, w2: torch.Tensor) -> list[Expert]:
     """Per-expert MLPs over stacked weights w13 [E, 2I, D] (w1 rows, then w3 rows) and w2 [E, D, I].
 
-    NOTE: oneDNN matmuls even on AMX CPUs: this is the portable path; there the "amx" backend runs
-    every expert of the layer in one kernel call instead.
+    NOTE: oneDNN matmuls even where the project's CPU kernels run: this is the portable path;
+    there the "cpu" backend runs every expert of the layer in one kernel call instead.
     """
-    return [Expert(Linear(w13[e], use_amx=False), Linear(w2[e], use_amx=False)) for e in range(w2.shape[0])]
+    return [Expert(Linear(w13[e]), Linear(w2[e])) for e in range(w2.shape[0])]
 
 
 def fused_moe(

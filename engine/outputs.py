@@ -23,6 +23,15 @@ class EngineDeadError(RuntimeError):
     """The step loop has stopped; no request can make progress."""
 
 
+class StepFailedError(RuntimeError):
+    """One engine step raised: the requests it was running (`request_ids`) cannot go on; every
+    other request, waiting or not scheduled in that step, is untouched."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"engine step failed: {type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
+
+
 @dataclass
 class ChoiceDelta:
     """New output of one of a request's `n` choices since the previous delta."""

@@ -23,9 +23,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint folder (default: the embedded tiny random-weight Mixtral)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
     p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N")
-    p.add_argument("--moe-backend", default="auto", choices=["auto", "torch", "triton", "amx"],
-                   help="experts: the Triton fused kernel (GPU default), the AMX kernel (default on CPUs "
-                        "with AMX) or oneDNN matmuls per expert")
+    p.add_argument("--moe-backend", default="auto", choices=["auto", "torch", "triton", "cpu"],
+                   help="experts: the Triton fused kernel (GPU default), the CPU kernel (default where the "
+                        "CPU kernels run) or oneDNN matmuls per expert")
+    p.add_argument("--cpu-kernels", default="auto", choices=["auto", "amx", "avx512", "off"],
+                   help="instruction set of the project's CPU kernels (auto: the best this CPU runs, bf16 only)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks (local processes on CPU, gloo)")
     p.add_argument("--quantization", choices=["fp8"], help="fp8 weights for attention and experts")
@@ -46,6 +48,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         dtype=args.dtype,
         device=args.device,
         moe_backend=args.moe_backend,
+        cpu_kernels=args.cpu_kernels,
         max_model_len=args.max_model_len,
         tensor_parallel_size=args.tensor_parallel_size,
         quantization=args.quantization,

@@ -240,10 +240,12 @@ def test_failed_step_fails_only_in_flight_requests(ckpt: Path) -> None:
     long_greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     doomed = {f"d{i}": (rand_ids(rng, 12), long_greedy) for i in range(4)}
     later = mixed_requests(rng, 4)
-    want = offline(ckpt, {"early": early, **later})
+    # Submitted behind the doomed four and waiting for a slot (max_num_seqs 4) when the step fails.
+    queued = {f"q{rid}": req for rid, req in mixed_requests(rng, 3).items()}
+    want = offline(ckpt, {"early": early, **later, **queued})
 
     async def main() -> None:
-        engine = AsyncEngine(config(ckpt))
+        engine = AsyncEngine(config(ckpt, max_num_seqs=4))
         runner = engine.engine.runner
         execute = runner.execute
         faulted = False
@@ -270,9 +272,14 @@ def test_failed_step_fails_only_in_flight_requests(ckpt: Path) -> None:
                         seen += 1
                 return seen
 
-            seen = await asyncio.gather(*(expect_failure(rid) for rid in doomed))
+            failing = [asyncio.create_task(expect_failure(rid)) for rid in doomed]
+            await asyncio.sleep(0)  # the doomed requests are queued first (FCFS)
+            waiting = [asyncio.create_task(collect(engine, rid, p, sp)) for rid, (p, sp) in queued.items()]
+            seen = await asyncio.gather(*failing)
             assert faulted
             assert all(n >= 1 for n in seen)  # they were mid-flight, not rejected up front
+            for rid, out in zip(queued, await asyncio.gather(*waiting)):
+                assert tokens_of(out) == want[rid], rid  # untouched by the failure
             await wait_idle(engine)
             s = engine.stats()
             assert s.healthy and engine.is_running
@@ -305,11 +312,11 @@ def test_dead_loop_reports_engine_dead(ckpt: Path) -> None:
                 raise RuntimeError("injected step fault")
             return execute(batch)
 
-        def broken_fail_all(message: str) -> list[RequestOutput]:
+        def broken_fail_requests(request_ids: list[str], message: str) -> list[RequestOutput]:
             raise RuntimeError("injected: the error path itself broke")
 
         inner.runner.execute = failing_execute  # type: ignore[method-assign]
-        inner.fail_all = broken_fail_all  # type: ignore[method-assign]
+        inner.fail_requests = broken_fail_requests  # type: ignore[method-assign]
         try:
             async def waiter(rid: str) -> None:
                 with pytest.raises(EngineDeadError):

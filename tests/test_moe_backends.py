@@ -40,7 +40,7 @@ def test_packed_bf16_linear(m: int) -> None:
     gen = torch.Generator().manual_seed(m)
     w = (torch.randn(192, 96, generator=gen) * 0.1).bfloat16()  # [N, K]
     x = torch.randn(m, 96, generator=gen).bfloat16()  # [M, K]
-    lin = Linear(w, use_amx=False)
+    lin = Linear(w)
     assert lin.packed is not None and lin.weight.numel() == 0  # only the oneDNN layout is kept
     got = lin(x)
     assert got.shape == (m, 192) and got.dtype == torch.bfloat16
