@@ -87,12 +87,13 @@ def fp8_linear(
 ) -> torch.Tensor:
     """`x @ dequant(w8).T` in x's dtype on CPU.
 
-    NOTE: plain dequantise-then-matmul, kept for memory-bound deployments only. Measured on the
-    2-core CPU box (`benchmarks/fused_moe_kernel.py cpu-fp8`), no fp8 variant beats the fp32 or
-    bf16 matmul it would replace: eager conversion is ~15x slower than fp32, and the best
+    NOTE: plain dequantise-then-matmul, the PyTorch reference for fp8 on CPU. Measured on the
+    2-core CPU box (`benchmarks/fused_moe_kernel.py cpu-fp8`), no PyTorch fp8 variant beats the
+    fp32 or bf16 matmul it would replace: eager conversion is ~15x slower than fp32, and the best
     torch.compile'd ones (fused dequantise-multiply-reduce GEMV, conversion into cache-sized
     blocks, a bit-level e4m3 -> fp32 decode) still ~2x slower, because converting fp8 costs more
-    than streaming the 4 bytes it saves. On CPU, dequantise fp8 checkpoints once at load instead.
+    than streaming the bytes it saves. The engine runs fp8 on CPUs in its own kernel instead
+    (`engine.cpu_kernels`, 6 instructions per 64 weights), or dequantises once at load.
     """
     w = w8.to(x.dtype)  # [N, K]
     y = x @ w.t()  # [M, N]

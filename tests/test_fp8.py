@@ -72,9 +72,11 @@ def test_fp8_quality_against_bf16_on_bench(tmp_path_factory: pytest.TempPathFact
         kl = (ref.exp() * (ref - dists[name])).sum(-1).mean().item()
         figures[name] = (agree, kl)
         print(f"{name} vs bf16 on bench: top-1 agreement {agree:.1%}, mean KL {kl:.4f} nats")
-    # NOTE: measured 90.6% / 0.039 nats (per channel) and 90.6% / 0.024 (per tensor) here; over 256
-    # prompts 92.6% / 0.039 and 93.4% / 0.027, where bf16 itself agrees with fp32 on only 96.9%
-    # (KL 0.008): this random model has many near-ties. Below the 95% hoped for, so the bound is set
-    # at what fp8 achieves, to catch regressions, not at the hope.
+    # NOTE: measured 90.6-92.2% / 0.036-0.039 nats (per channel) and 90.6-93.8% / 0.024-0.033 (per
+    # tensor), on oneDNN with dequantised weights and on the fp8 CPU kernel alike (it widens e4m3
+    # exactly). Over 128 prompts bf16 itself agrees with fp32 on only 96-98% (KL 0.005): this random
+    # model has many near-ties, and fp8 changes the routing of 5-10% of tokens per layer (bf16:
+    # ~1%). Teacher-forced along 32 greedy bf16 tokens per prompt, fp8 agrees on 92.8%. Below the
+    # 95% hoped for, so the bound is set at what fp8 achieves, to catch regressions, not at the hope.
     for agree, kl in figures.values():
         assert agree >= 0.85 and kl < 0.06, figures
