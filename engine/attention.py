@@ -47,21 +47,31 @@ class AttentionMetadata:
     decode_last: torch.Tensor | None = None  # the query's own position
 
 
+def write_kv(
+    k: torch.Tensor,  # [T, KVH, hd] (rotary applied)
+    v: torch.Tensor,  # [T, KVH, hd]
+    k_cache: torch.Tensor,  # [S, KVH, hd]
+    v_cache: torch.Tensor,  # [S, KVH, hd]
+    slot_mapping: torch.Tensor,  # [T]
+) -> None:
+    """This step's K/V into their cache slots (the CPU kernels do it with the rotary instead)."""
+    k_cache.index_copy_(0, slot_mapping, k)
+    v_cache.index_copy_(0, slot_mapping, v)
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, H, hd] (rotary applied)
     k: torch.Tensor,  # [T, KVH, hd]
     v: torch.Tensor,  # [T, KVH, hd]
-    k_cache: torch.Tensor,  # [S, KVH, hd]
-    v_cache: torch.Tensor,  # [S, KVH, hd]
+    k_cache: torch.Tensor,  # [S, KVH, hd], this step's K already written
+    v_cache: torch.Tensor,  # [S, KVH, hd], this step's V already written
     meta: AttentionMetadata,
     decode_kernel: DecodeKernel | None = None,
 ) -> torch.Tensor:
-    """Writes this step's K/V into the cache, then attends; returns [T, H * hd].
+    """Attention of this step's queries over the cache; returns [T, H * hd].
 
-    `decode_kernel` serves the decode rows straight from the cache (engine.amx on CPUs) instead
+    `decode_kernel` serves the decode rows straight from the cache (engine.cpu_kernels) instead
     of gathering their contexts for SDPA."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)  # [T, H, hd]
     b = meta.num_decode
     if b and decode_kernel is not None and meta.decode_first is not None and meta.decode_last is not None:

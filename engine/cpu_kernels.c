@@ -24,6 +24,7 @@
 // Shapes: D % 64 == 0, I % 32 == 0; dense N % 64 == 0, K % 32 == 0.
 
 #include <immintrin.h>
+#include <float.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -191,15 +192,17 @@ static inline __attribute__((always_inline)) void block_product(const uint16_t *
         }
 }
 
-// block_product over `rows` rows, in register blocks of up to BLOCK_ROWS rows.
+// block_product over `rows` rows, in register blocks of up to BLOCK_ROWS rows (FP8_DIRECT_ROWS
+// when fp8 weights are widened in registers).
 static inline __attribute__((always_inline)) void row_blocks(const uint16_t *a, int64_t lda, int64_t rows,
                                                             const void *panel, const int fp8, int64_t k_chunks,
                                                             const int accumulate, const float *scale, float *c,
                                                             int64_t ldc) {
-    for (int64_t r0 = 0; r0 < rows; r0 += BLOCK_ROWS) {
+    const int64_t step = fp8 ? FP8_DIRECT_ROWS : BLOCK_ROWS;
+    for (int64_t r0 = 0; r0 < rows; r0 += step) {
         const uint16_t *ar = a + r0 * lda;
         float *cr = c + r0 * ldc;
-        switch (rows - r0 < BLOCK_ROWS ? rows - r0 : BLOCK_ROWS) {
+        switch (rows - r0 < step ? rows - r0 : step) {
 #define BLOCK_CASE(n) \
     case n: block_product(ar, lda, n, panel, fp8, k_chunks, accumulate, scale, cr, ldc); break;
             BLOCK_CASE(1)
@@ -237,14 +240,7 @@ static inline void panel_product(const uint16_t *a, int64_t lda, int64_t rows, c
         return;
     }
     if (rows <= FP8_DIRECT_ROWS) {
-        for (int64_t r0 = 0; r0 < rows; r0 += FP8_DIRECT_ROWS) {
-            switch (rows - r0 < FP8_DIRECT_ROWS ? rows - r0 : FP8_DIRECT_ROWS) {
-                case 1: block_product(a + r0 * lda, lda, 1, panel, 1, k_chunks, 0, scale, c + r0 * ldc, ldc); break;
-                case 2: block_product(a + r0 * lda, lda, 2, panel, 1, k_chunks, 0, scale, c + r0 * ldc, ldc); break;
-                case 3: block_product(a + r0 * lda, lda, 3, panel, 1, k_chunks, 0, scale, c + r0 * ldc, ldc); break;
-                case 4: block_product(a + r0 * lda, lda, 4, panel, 1, k_chunks, 0, scale, c + r0 * ldc, ldc); break;
-            }
-        }
+        row_blocks(a, lda, rows, panel, 1, k_chunks, 0, scale, c, ldc);
         return;
     }
     const fp8_tables tables = load_fp8_tables();
@@ -500,7 +496,7 @@ void decode_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t
                 qf[g * nv + v] = _mm512_mul_ps(load_bf16x16(qr + 16 * v), _mm512_set1_ps(scale));
                 acc[g * nv + v] = _mm512_setzero_ps();
             }
-            mx[g] = -INFINITY;
+            mx[g] = -FLT_MAX;  // not -inf: -ffast-math assumes finite values
             denom[g] = 0.0f;
         }
         for (int64_t j = lo; j < hi; ++j) {  // scores: each K row read once for the G heads
@@ -542,5 +538,65 @@ void decode_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t
                 for (int i = 0; i < 16; ++i) o[16 * v + i] = to_bf16(tmp[i]);
             }
         }
+    }
+}
+
+// In place on qkv [T, H + 2 KVH, hd] bf16: rotates each token's H query and KVH key heads
+// (half-split rotary, cos/sin [T, hd] bf16 whose two halves are equal), then copies its key and
+// value heads into k_cache / v_cache [S, KVH, hd] at slots[t]. fp32 inside, one rounding.
+void rope_and_cache(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const int64_t *slots, int64_t T,
+                    int64_t H, int64_t KVH, int64_t hd, int64_t num_threads, uint16_t *k_cache, uint16_t *v_cache) {
+    const int64_t half = hd / 2, heads = H + 2 * KVH;
+#pragma omp parallel for num_threads(T < 32 ? 1 : num_threads) schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+        const uint16_t *c = cos + t * hd, *s = sin + t * hd;
+        uint16_t *row = qkv + t * heads * hd;
+        for (int64_t h = 0; h < H + KVH; ++h) {
+            uint16_t *x = row + h * hd;
+#pragma omp simd
+            for (int64_t d = 0; d < half; ++d) {
+                const float x1 = bf16_to_float(x[d]), x2 = bf16_to_float(x[half + d]);
+                const float cd = bf16_to_float(c[d]), sd = bf16_to_float(s[d]);
+                x[d] = to_bf16(x1 * cd - x2 * sd);
+                x[half + d] = to_bf16(x2 * cd + x1 * sd);
+            }
+        }
+        memcpy(k_cache + slots[t] * KVH * hd, row + H * hd, KVH * hd * 2);
+        memcpy(v_cache + slots[t] * KVH * hd, row + (H + KVH) * hd, KVH * hd * 2);
+    }
+}
+
+// Mixtral's routing of x [T, D] bf16 by the router gate [E, D] fp32: softmax over the E logits,
+// the k most likely experts (ties: the lower index), their probabilities renormalised to sum 1.
+// ids [T, k] int64, weights [T, k] fp32.
+void route(const uint16_t *x, const float *gate, int64_t T, int64_t D, int64_t E, int64_t k, int64_t num_threads,
+           int64_t *ids, float *weights) {
+#pragma omp parallel for num_threads(T < 64 ? 1 : num_threads) schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+        const uint16_t *xt = x + t * D;
+        float p[E], mx = -FLT_MAX, total = 0.0f;
+        for (int64_t e = 0; e < E; ++e) {
+            const float *g = gate + e * D;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < D; ++d) dot += bf16_to_float(xt[d]) * g[d];
+            p[e] = dot;
+            mx = dot > mx ? dot : mx;
+        }
+        for (int64_t e = 0; e < E; ++e) {
+            p[e] = expf(p[e] - mx);
+            total += p[e];
+        }
+        float kept = 0.0f;
+        for (int64_t j = 0; j < k; ++j) {  // selection: k is 1 to a few
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; ++e)
+                if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
+            ids[t * k + j] = best;
+            weights[t * k + j] = p[best] / total;
+            kept += p[best] / total;
+            p[best] = -1.0f;  // taken
+        }
+        for (int64_t j = 0; j < k; ++j) weights[t * k + j] /= kept;
     }
 }

@@ -113,6 +113,10 @@ def _library(isa: Isa) -> ctypes.CDLL | None:
     lib.add_rms_norm.restype = None
     lib.decode_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr]
     lib.decode_attention.restype = None
+    lib.rope_and_cache.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr]
+    lib.rope_and_cache.restype = None
+    lib.route.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr]
+    lib.route.restype = None
     return lib
 
 
@@ -338,3 +342,51 @@ class DecodeAttention:
             b, self.n_heads, self.n_kv_heads, self.head_dim, length, threads, scores.data_ptr(), out.data_ptr(),
         )
         return out
+
+
+class RopeAndCache:
+    """Rotary embeddings on this step's query and key heads, in place in the fused qkv rows, and
+    the keys and values written to the paged cache: one pass instead of about eight ops."""
+
+    def __init__(self, isa: Isa, n_heads: int, n_kv_heads: int, head_dim: int) -> None:
+        lib = _library(isa)
+        assert lib is not None, "resolve the ISA first"
+        self._kernel = lib.rope_and_cache
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+
+    def __call__(
+        self,
+        qkv: torch.Tensor,  # [T, H + 2 KVH, hd] bf16, rotated in place
+        cos: torch.Tensor,  # [T, 1, hd] bf16
+        sin: torch.Tensor,  # [T, 1, hd] bf16
+        slots: torch.Tensor,  # [T] int64 cache slot of each token
+        k_cache: torch.Tensor,  # [S, KVH, hd] bf16
+        v_cache: torch.Tensor,  # [S, KVH, hd] bf16
+    ) -> None:
+        assert qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and slots.dtype == torch.int64
+        self._kernel(
+            qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.contiguous().data_ptr(), qkv.shape[0],
+            self.n_heads, self.n_kv_heads, self.head_dim, torch.get_num_threads(), k_cache.data_ptr(),
+            v_cache.data_ptr(),
+        )
+
+
+class Router:
+    """Mixtral's routing in one call: logits against the fp32 gate, softmax, top-k, renormalised."""
+
+    def __init__(self, isa: Isa, gate: torch.Tensor, top_k: int) -> None:
+        lib = _library(isa)
+        assert lib is not None, "resolve the ISA first"
+        self._kernel = lib.route
+        self.gate = gate.float().contiguous()  # [E, D]
+        self.top_k = top_k
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] bf16 -> (weights [T, k] fp32, ids [T, k] int64), as `engine.moe.select_experts`."""
+        t, d = x.shape
+        x = x.contiguous()
+        ids = torch.empty(t, self.top_k, dtype=torch.int64)  # [T, k]
+        weights = torch.empty(t, self.top_k, dtype=torch.float32)  # [T, k]
+        self._kernel(x.data_ptr(), self.gate.data_ptr(), t, d, self.gate.shape[0], self.top_k,
+                     torch.get_num_threads(), ids.data_ptr(), weights.data_ptr())
+        return weights, ids

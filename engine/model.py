@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import cpu_kernels
-from engine.attention import AttentionMetadata, paged_attention
+from engine.attention import AttentionMetadata, paged_attention, write_kv
 from engine.linear import Linear
 from engine.model_config import ModelConfig
 from engine.moe import Expert, fused_moe, make_experts, select_experts
@@ -137,11 +137,14 @@ class Attention(nn.Module):
         self.qkv_proj: Linear | None = None  # set by `Mixtral.prepare`
         self.o_proj: Linear | None = None
         self.decode_kernel: cpu_kernels.DecodeAttention | None = None
+        self.rope_kernel: cpu_kernels.RopeAndCache | None = None
 
     def prepare(self, isa: cpu_kernels.Isa | None) -> None:
         self.qkv_proj, self.o_proj = _prepared(self.qkv, self.qkv_scale, isa), _prepared(self.o, self.o_scale, isa)
-        if isa is not None and cpu_kernels.fits_attention(self.n_heads, self.n_kv, self.hd):
-            self.decode_kernel = cpu_kernels.DecodeAttention(isa, self.n_heads, self.n_kv, self.hd)
+        if isa is not None:
+            self.rope_kernel = cpu_kernels.RopeAndCache(isa, self.n_heads, self.n_kv, self.hd)
+            if cpu_kernels.fits_attention(self.n_heads, self.n_kv, self.hd):
+                self.decode_kernel = cpu_kernels.DecodeAttention(isa, self.n_heads, self.n_kv, self.hd)
 
     def forward(
         self,
@@ -153,11 +156,17 @@ class Attention(nn.Module):
         assert self.qkv_proj is not None and self.o_proj is not None, "call Mixtral.prepare() after loading"
         t = x.shape[0]
         qkv = self.qkv_proj(x).view(t, self.n_heads + 2 * self.n_kv, self.hd)  # [T, H + 2 KVH, hd]
-        # q and k heads rotate together: one rotary application per layer.
-        qk = apply_rotary(qkv[:, : self.n_heads + self.n_kv], *rope)  # [T, H + KVH, hd]
-        q, k = qk.split([self.n_heads, self.n_kv], dim=1)  # [T, H, hd], [T, KVH, hd]
-        v = qkv[:, self.n_heads + self.n_kv :]  # [T, KVH, hd]
-        attn = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.decode_kernel)  # [T, H hd]
+        k_cache, v_cache = kv_cache[0], kv_cache[1]  # [S, KVH, hd] each
+        if self.rope_kernel is not None:  # rotates q and k in place and writes this step's K/V
+            self.rope_kernel(qkv, *rope, meta.slot_mapping, k_cache, v_cache)
+            q, k, v = qkv.split([self.n_heads, self.n_kv, self.n_kv], dim=1)  # [T, H | KVH | KVH, hd]
+        else:
+            # q and k heads rotate together: one rotary application per layer.
+            qk = apply_rotary(qkv[:, : self.n_heads + self.n_kv], *rope)  # [T, H + KVH, hd]
+            q, k = qk.split([self.n_heads, self.n_kv], dim=1)  # [T, H, hd], [T, KVH, hd]
+            v = qkv[:, self.n_heads + self.n_kv :]  # [T, KVH, hd]
+            write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.decode_kernel)  # [T, H hd]
         return self.tp.all_reduce(self.o_proj(attn))  # [T, D] summed over ranks' heads
 
 
@@ -186,6 +195,7 @@ class MoE(nn.Module):
         self.w2_scale = _param(e, d, dtype=torch.float32) if fp8 else None
         self.experts: list[Expert] = []  # set by `Mixtral.prepare` for the torch backend
         self.cpu_experts: cpu_kernels.CpuExperts | None = None  # for cpu
+        self.router: cpu_kernels.Router | None = None  # routing in one CPU kernel call, where they run
         self.triton_moe: Callable[..., torch.Tensor] | None = None  # set by `Mixtral.prepare` for triton
         self.gate_f32 = torch.empty(0)
 
@@ -205,11 +215,15 @@ class MoE(nn.Module):
         # with N = E = 8 falls on a slow CPU path (hundreds of microseconds per layer in a decode
         # step), and routing in fp32 is at least as accurate.
         self.gate_f32 = self.gate.data.float()
+        if isa is not None:
+            self.router = cpu_kernels.Router(isa, self.gate_f32, self.top_k)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the block output [T, D] and each token's chosen experts [T, k]."""
-        router_logits = x.float() @ self.gate_f32.t()  # [T, E] fp32
-        weights, ids = select_experts(router_logits, self.top_k)  # [T, k], [T, k]
+        if self.router is not None:
+            weights, ids = self.router(x)  # [T, k], [T, k]
+        else:
+            weights, ids = select_experts(x.float() @ self.gate_f32.t(), self.top_k)  # [T, k], [T, k]
         if self.triton_moe is not None:
             out = self.triton_moe(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale)  # [T, D]
         elif self.cpu_experts is not None:
