@@ -11,7 +11,7 @@ import torch
 from engine.config import EngineConfig
 from engine.kv_cache import BlockManager
 from engine.model_runner import StepOutput, build_runner
-from engine.parallel import TPGroup, WorkerHandle, WorkerLauncher, free_port, init_group, launch_local
+from engine.parallel import TPGroup, WorkerHandle, WorkerLauncher, free_port, join_group, launch_local
 from engine.outputs import ChoiceDelta, EngineDeadError, EngineStats, RequestError, RequestOutput, StepFailedError
 from engine.sampling import SamplingParams, make_generator
 from engine.scheduler import Scheduler
@@ -37,7 +37,7 @@ class LLMEngine:
             init_method = f"tcp://127.0.0.1:{free_port()}"
             cfg_json = config.model_dump_json()
             self.workers = [launcher(rank, world, init_method, cfg_json) for rank in range(1, world)]
-            tp = init_group(0, world, init_method, torch.device(config.device))
+            tp = join_group(self.workers, init_method, torch.device(config.device))
         self.runner = build_runner(config, tp, self.tokenizer.eos_id)
         self.load_seconds = time.perf_counter() - t0
         self.model = self.runner.model

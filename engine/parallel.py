@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from engine.model_config import ModelConfig
+from engine.outputs import EngineDeadError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,33 @@ def init_group(rank: int, world_size: int, init_method: str, device: torch.devic
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     return TPGroup(rank, world_size, dist.group.WORLD)
+
+
+def join_group(workers: list["WorkerHandle"], init_method: str, device: torch.device) -> TPGroup:
+    """Rank 0's side of the rendezvous, failing fast when a rank dies before it joins.
+
+    NOTE: rank 0 would otherwise wait out the store's timeout (30 minutes) for a rank that
+    crashed while starting (a bad environment, no memory); here it polls the ranks meanwhile.
+    """
+    world_size = len(workers) + 1
+    joined: list[TPGroup | BaseException] = []
+
+    def join() -> None:
+        try:
+            joined.append(init_group(0, world_size, init_method, device))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            joined.append(err)
+
+    thread = threading.Thread(target=join, name="tp-rendezvous", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.2)
+        dead = [rank for rank, w in enumerate(workers, start=1) if not w.is_alive()]
+        if dead and thread.is_alive():
+            raise EngineDeadError(f"tensor-parallel rank(s) {dead} died before joining the group")
+    if isinstance(joined[0], BaseException):
+        raise joined[0]
+    return joined[0]
 
 
 def check_tp_size(cfg: ModelConfig, tp: int) -> None:

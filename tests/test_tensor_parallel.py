@@ -11,7 +11,9 @@ from engine import LLM, SamplingParams
 from engine.checkpoint import PRESETS
 from engine.model_config import ModelConfig
 from engine.outputs import EngineDeadError
-from engine.parallel import LocalShape, TPGroup, check_tp_size
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.parallel import LocalProcess, LocalShape, TPGroup, check_tp_size
 
 MQA = ModelConfig(hidden_size=96, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
                   num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
@@ -57,6 +59,29 @@ def test_dead_rank_is_reported_not_hung(make_checkpoint) -> None:
         llm.engine.shutdown()
     finally:
         torch.set_num_threads(threads)
+
+
+def _exit_at_once() -> None:
+    raise SystemExit(3)  # a rank that crashes while starting, before it joins the group
+
+
+def _crashing_launcher(rank: int, world_size: int, init_method: str, config_json: str) -> LocalProcess:
+    process = torch.multiprocessing.get_context("spawn").Process(target=_exit_at_once, daemon=True)
+    process.start()
+    return LocalProcess(process)
+
+
+def test_rank_dying_at_start_is_reported_not_hung(make_checkpoint) -> None:
+    """Rank 0 would wait out the rendezvous timeout (30 minutes) for a rank that never joins."""
+    threads = torch.get_num_threads()
+    config = EngineConfig(model=str(make_checkpoint()), dtype="float32", tensor_parallel_size=2, load_progress=False)
+    t = time.monotonic()
+    try:
+        with pytest.raises(EngineDeadError, match=r"rank\(s\) \[1\] died before joining"):
+            LLMEngine(config, launcher=_crashing_launcher)
+    finally:
+        torch.set_num_threads(threads)
+    assert time.monotonic() - t < 30
 
 
 def test_sharding_rules() -> None:
