@@ -20,20 +20,26 @@ import torch.distributed as dist
 
 from engine.model_config import ModelConfig
 from engine.outputs import EngineDeadError
+from engine.shm_channel import ShmChannel
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TPGroup:
-    """This process's place in the tensor-parallel group (world_size 1: no communication)."""
+    """This process's place in the tensor-parallel group (world_size 1: no communication).
+
+    `channel`: shared memory for ranks on one CPU host (engine/shm_channel.py), which carries
+    what fits it; gloo or NCCL carries the rest.
+    """
 
     rank: int = 0
     world_size: int = 1
     group: Any = field(default=None, repr=False)
+    channel: ShmChannel | None = field(default=None, repr=False)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
+        if self.world_size > 1 and not (self.channel is not None and self.channel.all_reduce(x)):
             dist.all_reduce(x, group=self.group)
         return x
 
@@ -46,6 +52,9 @@ class TPGroup:
         return int(t.item())
 
     def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -53,6 +62,11 @@ class TPGroup:
         """Rank 0 sends `obj`; every rank returns it."""
         if self.world_size == 1:
             return obj
+        if self.channel is not None:
+            return self.channel.broadcast(obj, self._broadcast_gloo)
+        return self._broadcast_gloo(obj)
+
+    def _broadcast_gloo(self, obj: Any) -> Any:
         box = [obj]
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
@@ -72,7 +86,8 @@ def init_group(rank: int, world_size: int, init_method: str, device: torch.devic
         torch.set_num_threads(max(1, (os.cpu_count() or world_size) // world_size))
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
-    return TPGroup(rank, world_size, dist.group.WORLD)
+    channel = ShmChannel.open(rank, world_size, dist.group.WORLD) if device.type == "cpu" else None
+    return TPGroup(rank, world_size, dist.group.WORLD, channel)
 
 
 def join_group(workers: list["WorkerHandle"], init_method: str, device: torch.device) -> TPGroup:

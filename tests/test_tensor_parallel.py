@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 import torch
 
 from engine import LLM, SamplingParams
 from engine.checkpoint import PRESETS
-from engine.model_config import ModelConfig
-from engine.outputs import EngineDeadError
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.parallel import LocalProcess, LocalShape, TPGroup, check_tp_size
+from engine.model_config import ModelConfig
+from engine.outputs import EngineDeadError
+from engine.parallel import LocalProcess, LocalShape, TPGroup, check_tp_size, free_port
+from engine.shm_channel import SLOT_BYTES
 
 MQA = ModelConfig(hidden_size=96, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
                   num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
@@ -101,3 +103,52 @@ def test_sharding_rules() -> None:
     assert shapes[3].shard("model.layers.0.block_sparse_moe.experts.1.w2.weight", cfg) == (1, 1344, 1792)
     assert shapes[3].shard("model.layers.0.self_attn.o_proj.weight", cfg) == (1, 384, 512)
     assert shapes[3].shard("model.layers.0.block_sparse_moe.gate.weight", cfg) is None
+
+
+def _channel_rank(rank: int, port: int, results: Any) -> None:
+    """One rank of a 2-rank gloo group exercising the shared-memory channel."""
+    from engine.parallel import init_group
+
+    tp = init_group(rank, 2, f"tcp://127.0.0.1:{port}", torch.device("cpu"))
+    assert tp.channel is not None
+    out: dict[str, Any] = {}  # plain values: a rank's tensors do not outlive it in a queue
+    for dtype, bits in ((torch.bfloat16, torch.int16), (torch.float32, torch.int32)):
+        x = torch.full((3, 5), float(rank + 1), dtype=dtype) / 3
+        out[str(dtype)] = tp.all_reduce(x).view(bits).tolist()  # the reduced bits
+    big = torch.ones(SLOT_BYTES // 4 + 1)  # one element over a slot: gloo carries it
+    out["big"] = tp.all_reduce(big * (rank + 1)).unique().tolist()
+    out["small_obj"] = tp.broadcast({"step": 7, "rank": rank})
+    out["big_obj"] = tp.broadcast(b"x" * (SLOT_BYTES + 1) if rank == 0 else None)
+    results.put((rank, out))
+    if rank == 1:
+        return  # leaves without taking part in the next all-reduce
+    t = time.monotonic()
+    try:
+        tp.all_reduce(torch.ones(4))
+        results.put(("rank0", "no error"))
+    except EngineDeadError as err:
+        results.put(("rank0", f"{err} after {time.monotonic() - t:.1f}s"))
+    tp.close()
+
+
+def test_shm_channel_reduces_and_broadcasts_and_notices_a_dead_rank() -> None:
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_channel_rank, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in range(3))
+    for p in procs:
+        p.join(timeout=60)
+    a, b = got[0], got[1]
+    for dtype, bits in ((torch.bfloat16, torch.int16), (torch.float32, torch.int32)):
+        assert a[str(dtype)] == b[str(dtype)]  # the same bits on every rank
+        summed = torch.tensor(a[str(dtype)], dtype=bits).view(dtype).float()
+        assert torch.allclose(summed, torch.full((3, 5), 1.0), atol=1e-2)  # 1/3 + 2/3
+    assert a["big"] == b["big"] == [3.0]
+    assert a["small_obj"] == b["small_obj"] == {"step": 7, "rank": 0}
+    assert a["big_obj"] == b["big_obj"] == b"x" * (SLOT_BYTES + 1)
+    message = got["rank0"]
+    assert "rank(s) [1] died" in message, message
+    assert float(message.rsplit(" ", 1)[1].rstrip("s")) < 10
