@@ -547,7 +547,7 @@ void decode_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t
 void rope_and_cache(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const int64_t *slots, int64_t T,
                     int64_t H, int64_t KVH, int64_t hd, int64_t num_threads, uint16_t *k_cache, uint16_t *v_cache) {
     const int64_t half = hd / 2, heads = H + 2 * KVH;
-#pragma omp parallel for num_threads(T < 32 ? 1 : num_threads) schedule(static)
+#pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t t = 0; t < T; ++t) {
         const uint16_t *c = cos + t * hd, *s = sin + t * hd;
         uint16_t *row = qkv + t * heads * hd;
@@ -571,7 +571,7 @@ void rope_and_cache(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, con
 // ids [T, k] int64, weights [T, k] fp32.
 void route(const uint16_t *x, const float *gate, int64_t T, int64_t D, int64_t E, int64_t k, int64_t num_threads,
            int64_t *ids, float *weights) {
-#pragma omp parallel for num_threads(T < 64 ? 1 : num_threads) schedule(static)
+#pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t t = 0; t < T; ++t) {
         const uint16_t *xt = x + t * D;
         float p[E], mx = -FLT_MAX, total = 0.0f;

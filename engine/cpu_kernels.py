@@ -51,6 +51,14 @@ _CPU_FLAGS: dict[Isa, set[str]] = {
 }
 # Rows of one AMX tile: each expert's rows are padded to a multiple of it (cpu_kernels.c).
 TILE_ROWS = 16
+# NOTE: a call that touches less than this runs on one thread: waking the others costs more than
+# they save, and their spin-wait afterwards takes cores from the serving processes beside us.
+_PARALLEL_BYTES = 1 << 20
+
+
+def _threads(nbytes: int) -> int:
+    """Threads for a kernel call that reads about `nbytes` of weights and activations."""
+    return torch.get_num_threads() if nbytes >= _PARALLEL_BYTES else 1
 
 
 def _cache_dir() -> Path:
@@ -230,6 +238,11 @@ class CpuExperts:
         self.w13_scale = None if w13_scale is None else pack_w13_scales(w13_scale)  # [E, I/32, 64]
         self.w2_scale = None if w2_scale is None else w2_scale.float().contiguous()  # [E, D]
 
+    def _bytes(self, ids: torch.Tensor) -> int:
+        """Weight bytes a call streams: the experts it routes to (at most all of them)."""
+        per_expert = (self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()) // self.num_experts
+        return min(ids.numel(), self.num_experts) * per_expert
+
     def __call__(
         self,
         x: torch.Tensor,  # [T, D] bf16
@@ -249,7 +262,7 @@ class CpuExperts:
         y = torch.empty(rows, d, dtype=torch.float32)  # [R, D] second matmul, fp32
         slot_of = torch.empty(t * k, dtype=torch.int32)  # [T k] row of each (token, choice)
         self._forward(
-            x.data_ptr(), ids.data_ptr(), weights.data_ptr(), t, k, e, d, i, torch.get_num_threads(),
+            x.data_ptr(), ids.data_ptr(), weights.data_ptr(), t, k, e, d, i, _threads(self._bytes(ids)),
             self.w13.data_ptr(), self.w2.data_ptr(), _ptr(self.w13_scale), _ptr(self.w2_scale), out.data_ptr(),
             xs.data_ptr(), act.data_ptr(), y.data_ptr(), slot_of.data_ptr(),
         )
@@ -275,7 +288,8 @@ class CpuLinear:
         out = torch.empty(m, self.out_features, dtype=out_dtype)  # [M, N]
         xs = torch.empty(-(-m // TILE_ROWS) * TILE_ROWS, k, dtype=torch.bfloat16)  # [M padded, K]
         self._linear(
-            x.data_ptr(), m, k, self.out_features, torch.get_num_threads(), self.packed.data_ptr(), _ptr(self.scale),
+            x.data_ptr(), m, k, self.out_features, _threads(self.packed.numel() * self.packed.element_size()),
+            self.packed.data_ptr(), _ptr(self.scale),
             out.data_ptr(), out_dtype == torch.float32, xs.data_ptr(),
         )
         return out
@@ -304,7 +318,7 @@ class AddRMSNorm:
         if delta is not None:
             delta = delta.contiguous()
             delta_ptr = delta.data_ptr()
-        self._kernel(h.data_ptr(), delta_ptr, self.weight.data_ptr(), self.eps, t, d, torch.get_num_threads(),
+        self._kernel(h.data_ptr(), delta_ptr, self.weight.data_ptr(), self.eps, t, d, _threads(h.numel() * 6),
                      normed.data_ptr())
         return normed
 
@@ -332,7 +346,7 @@ class DecodeAttention:
         last: torch.Tensor,  # [B] the query's own position, int64
     ) -> torch.Tensor:
         b, length = slots.shape
-        threads = torch.get_num_threads()
+        threads = _threads(2 * b * length * self.n_kv_heads * self.head_dim * k_cache.element_size())  # K and V read
         q, slots = q.contiguous(), slots.contiguous()
         group = self.n_heads // self.n_kv_heads
         scores = torch.empty(threads, group, length, dtype=torch.float32)  # [threads, G, L]
@@ -366,7 +380,7 @@ class RopeAndCache:
         assert qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous() and slots.dtype == torch.int64
         self._kernel(
             qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.contiguous().data_ptr(), qkv.shape[0],
-            self.n_heads, self.n_kv_heads, self.head_dim, torch.get_num_threads(), k_cache.data_ptr(),
+            self.n_heads, self.n_kv_heads, self.head_dim, _threads(qkv.numel() * 4), k_cache.data_ptr(),
             v_cache.data_ptr(),
         )
 
@@ -388,5 +402,5 @@ class Router:
         ids = torch.empty(t, self.top_k, dtype=torch.int64)  # [T, k]
         weights = torch.empty(t, self.top_k, dtype=torch.float32)  # [T, k]
         self._kernel(x.data_ptr(), self.gate.data_ptr(), t, d, self.gate.shape[0], self.top_k,
-                     torch.get_num_threads(), ids.data_ptr(), weights.data_ptr())
+                     _threads(x.numel() * 2 * self.gate.shape[0]), ids.data_ptr(), weights.data_ptr())
         return weights, ids
