@@ -3,12 +3,15 @@
 //                     matmuls, SiLU-and-product, and the weighted sum of each token's experts;
 //   linear:           y = x W^T for the dense projections (attention, LM head);
 //   add_rms_norm:     the residual add and the RMSNorm after it, one pass over the rows;
-//   decode_attention: one query token per sequence over its paged K/V, read in place.
+//   decode_attention: one query token per sequence over its paged K/V, read in place;
+//   rope_and_cache:   the rotary on q and k in place, and this step's K/V into the cache;
+//   route:            Mixtral's routing (softmax, top-k, renormalised weights).
 //
 // One source, two builds (engine/cpu_kernels.py): with KERNELS_AMX, bf16 weight panels run on
 // Intel AMX tiles (Sapphire Rapids and later); without it, on AVX512-BF16 (`vdpbf16ps`: AMD Zen 4
-// and 5, Intel Cooper Lake and later). fp8 (e4m3) weights run on AVX512-BF16 in both builds:
-// each 32 weights are widened to bf16 in registers, so a decode step streams one byte a weight.
+// and 5, Intel Sapphire Rapids and later; VBMI is needed too). fp8 (e4m3) weights run on
+// AVX512-BF16 in both builds: each 64 weights are widened to bf16 in registers by two byte-table
+// lookups, so a decode step streams one byte a weight.
 //
 // Why kernels of our own: per expert, oneDNN costs ~25 us a call, and the small ops between the
 // calls run with cold caches. Here every thread streams one contiguous run of (expert, panel)

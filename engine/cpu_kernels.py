@@ -1,6 +1,7 @@
 """The project's CPU kernels (engine/cpu_kernels.c), built on first use: the whole expert block of
 a layer in one call (`CpuExperts`), dense projections (`CpuLinear`), the residual add with its
-RMSNorm (`AddRMSNorm`) and decode attention over the paged cache (`DecodeAttention`).
+RMSNorm (`AddRMSNorm`), decode attention over the paged cache (`DecodeAttention`), the rotary
+with the K/V cache write (`RopeAndCache`) and Mixtral's routing (`Router`).
 
 Two builds of the one source, by instruction set (`Isa`):
   "amx":    bf16 weight panels on Intel AMX tiles (Sapphire Rapids and later);
