@@ -51,10 +51,10 @@ def test_fp8_tensor_parallel_equals_single(tmp_path: Path) -> None:
 
 
 def test_fp8_quality_against_bf16_on_bench(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Next-token distributions of the ~0.8 B bench model, bf16 vs fp8 weights, 64 prompts."""
+    """Next-token distributions of the ~0.8 B bench model, bf16 vs fp8 weights, 256 prompts."""
     ckpt = write_checkpoint(tmp_path_factory.mktemp("bench"), PRESETS["bench"], seed=0, dtype="bfloat16")
     gen = torch.Generator().manual_seed(0)
-    prompts = [[1, *torch.randint(3, 32000, (24,), generator=gen).tolist()] for _ in range(64)]
+    prompts = [[1, *torch.randint(3, 32000, (24,), generator=gen).tolist()] for _ in range(256)]
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     dists = {}
     variants = {"bf16": {}, "fp8": {"quantization": "fp8"}, "fp8-per-tensor": {"quantization": "fp8", "fp8_per_channel": False}}
@@ -72,11 +72,13 @@ def test_fp8_quality_against_bf16_on_bench(tmp_path_factory: pytest.TempPathFact
         kl = (ref.exp() * (ref - dists[name])).sum(-1).mean().item()
         figures[name] = (agree, kl)
         print(f"{name} vs bf16 on bench: top-1 agreement {agree:.1%}, mean KL {kl:.4f} nats")
-    # NOTE: measured 90.6-92.2% / 0.036-0.039 nats (per channel) and 90.6-93.8% / 0.024-0.033 (per
-    # tensor), on oneDNN with dequantised weights and on the fp8 CPU kernel alike (it widens e4m3
-    # exactly). Over 128 prompts bf16 itself agrees with fp32 on only 96-98% (KL 0.005): this random
-    # model has many near-ties, and fp8 changes the routing of 5-10% of tokens per layer (bf16:
-    # ~1%). Teacher-forced along 32 greedy bf16 tokens per prompt, fp8 agrees on 92.8%. Below the
-    # 95% hoped for, so the bound is set at what fp8 achieves, to catch regressions, not at the hope.
+    # NOTE: over these 256 prompts fp8 agrees on 93.4% / KL 0.037 nats (per channel) and 91.8% /
+    # 0.027 (per tensor) on the fp8 CPU kernel, 91.0% / 0.039 on oneDNN with dequantised weights;
+    # with fp32 activations it is 92.6% against fp32, so the loss is the weights' 3-bit mantissa
+    # (2.6% rms error per weight), not our kernels. bf16 itself agrees with fp32
+    # on 97.7% (KL 0.009). A random model's logits are near-i.i.d., so its top-1 margin is set by
+    # extreme-value statistics (12% of prompts lead by < 0.25 logit) and any ~2% perturbation of the
+    # final hidden state flips those; fp8 also changes the routing of 5-10% of tokens per layer.
+    # Below the 95% hoped for, so the bound is set at what fp8 achieves, to catch regressions.
     for agree, kl in figures.values():
         assert agree >= 0.85 and kl < 0.06, figures
