@@ -149,14 +149,14 @@ def run_round(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
+def print_table(rows: list[dict[str, Any]], prompt_len: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
     engines = list(dict.fromkeys(r["engine"] for r in rows))
     batches = sorted({r["batch"] for r in rows})
     rounds = len({r.get("round", 0) for r in rows})
-    table = Table(title="decode tokens/s (greedy, 32-token prompts) and TTFT" + (f", medians of {rounds} rounds" if rounds > 1 else ""))
+    table = Table(title=f"decode tokens/s (greedy, {prompt_len}-token prompts) and TTFT" + (f", medians of {rounds} rounds" if rounds > 1 else ""))
     table.add_column("batch")
     for e in engines:
         table.add_column(e, justify="right")
@@ -209,6 +209,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     rows = run(args)
-    print_table(rows)
+    print_table(rows, args.prompt_len)
     if args.json_out:
         args.json_out.write_text(json.dumps(rows, indent=2))

@@ -477,10 +477,82 @@ static inline __m512 load_bf16x16(const uint16_t *p) {  // 16 bf16 -> fp32
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
+#define ATTN_CHUNK 32  // positions whose V rows stay in L1 while the G heads take turns over them
+#define ATTN_PREFETCH 8  // K rows fetched this many positions ahead
+
+// One (sequence, KV head) task of decode_attention. Always inlined with nv a literal for the
+// common head dims, so the K row, a head's query and its accumulator live in registers.
+// NOTE: the V pass runs head by head over chunks of ATTN_CHUNK positions (re-reading each V row
+// from L1 G times) instead of row by row over all G heads: the latter keeps G * nv accumulators,
+// more than the 32 registers, and spent most of its time storing them back to the stack.
+static inline __attribute__((always_inline)) void attend(
+    const int64_t nv, const int64_t G, const uint16_t *q, const uint16_t *k_base, const uint16_t *v_base,
+    const int64_t *slots, const int64_t row_stride, const int64_t lo, const int64_t hi, const float scale,
+    float *s, const int64_t L, uint16_t *out) {
+    __m512 qf[ATTN_MAX_GROUP * ATTN_MAX_HD / 16];
+    float mx[ATTN_MAX_GROUP], inv[ATTN_MAX_GROUP];
+    for (int64_t g = 0; g < G; ++g) {
+        for (int64_t v = 0; v < nv; ++v) qf[g * nv + v] = _mm512_mul_ps(load_bf16x16(q + g * nv * 16 + 16 * v), _mm512_set1_ps(scale));
+        mx[g] = -FLT_MAX;  // not -inf: -ffast-math assumes finite values
+    }
+    for (int64_t j = lo; j < hi; ++j) {  // scores: each K row read once for the G heads
+        const uint16_t *kr = k_base + slots[j] * row_stride, *vr = v_base + slots[j] * row_stride;
+        // Rows sit a KV-head stride apart in blocks scattered over the pool, which the hardware
+        // prefetcher does not follow: fetch K a few rows ahead, and this V row for the V pass.
+        const uint16_t *kn = k_base + slots[j + ATTN_PREFETCH < hi ? j + ATTN_PREFETCH : j] * row_stride;
+        for (int64_t line = 0; line < nv * 32; line += 64) {
+            _mm_prefetch((const char *)kn + line, _MM_HINT_T0);
+            _mm_prefetch((const char *)vr + line, _MM_HINT_T1);
+        }
+        __m512 kf[ATTN_MAX_HD / 16];
+        for (int64_t v = 0; v < nv; ++v) kf[v] = load_bf16x16(kr + 16 * v);
+        for (int64_t g = 0; g < G; ++g) {
+            __m512 dot = _mm512_mul_ps(qf[g * nv], kf[0]);
+            for (int64_t v = 1; v < nv; ++v) dot = _mm512_fmadd_ps(qf[g * nv + v], kf[v], dot);
+            const float d = _mm512_reduce_add_ps(dot);
+            s[g * L + j] = d;
+            mx[g] = d > mx[g] ? d : mx[g];
+        }
+    }
+    for (int64_t g = 0; g < G; ++g) {  // exp over the row, vectorised (libmvec)
+        float *sg = s + g * L, m = mx[g], sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = lo; j < hi; ++j) {
+            sg[j] = expf(sg[j] - m);
+            sum += sg[j];
+        }
+        inv[g] = 1.0f / sum;
+    }
+    __m512 *acc = qf;  // the queries are spent: their registers' spill slots hold the accumulators
+    for (int64_t i = 0; i < G * nv; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t j0 = lo; j0 < hi; j0 += ATTN_CHUNK) {
+        const int64_t j1 = j0 + ATTN_CHUNK < hi ? j0 + ATTN_CHUNK : hi;
+        for (int64_t g = 0; g < G; ++g) {
+            const float *sg = s + g * L;
+            __m512 a[ATTN_MAX_HD / 16];
+            for (int64_t v = 0; v < nv; ++v) a[v] = acc[g * nv + v];
+            for (int64_t j = j0; j < j1; ++j) {
+                const uint16_t *vr = v_base + slots[j] * row_stride;
+                const __m512 p = _mm512_set1_ps(sg[j]);
+                for (int64_t v = 0; v < nv; ++v) a[v] = _mm512_fmadd_ps(p, load_bf16x16(vr + 16 * v), a[v]);
+            }
+            for (int64_t v = 0; v < nv; ++v) acc[g * nv + v] = a[v];
+        }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+        uint16_t *o = out + g * nv * 16;
+        for (int64_t v = 0; v < nv; ++v) {
+            float tmp[16];
+            _mm512_storeu_ps(tmp, _mm512_mul_ps(acc[g * nv + v], _mm512_set1_ps(inv[g])));
+            for (int i = 0; i < 16; ++i) o[16 * v + i] = to_bf16(tmp[i]);
+        }
+    }
+}
+
 // out [B, H, hd] = softmax(q k^T / sqrt(hd)) v for one query token per sequence: row b attends to
 // positions [first[b], last[b]] of its context, whose cache slots are slots[b, :] (K/V caches
 // [S, KVH, hd]). The G = H / KVH query heads sharing a KV head are done together, so each K/V row
-// is read once. hd % 16 == 0, hd <= ATTN_MAX_HD, G <= ATTN_MAX_GROUP (the caller checks).
+// is read from memory once. hd % 16 == 0, hd <= ATTN_MAX_HD, G <= ATTN_MAX_GROUP (the caller checks).
 // Scratch: scores [num_threads, G, L] fp32.
 void decode_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *slots,
                       const int64_t *first, const int64_t *last, int64_t B, int64_t H, int64_t KVH, int64_t hd,
@@ -491,55 +563,13 @@ void decode_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t
     for (int64_t task = 0; task < B * KVH; ++task) {
         const int64_t b = task / KVH, kvh = task % KVH, lo = first[b], hi = last[b] + 1;
         float *s = scores + (int64_t)omp_get_thread_num() * G * L;
-        __m512 qf[ATTN_MAX_GROUP * ATTN_MAX_HD / 16], acc[ATTN_MAX_GROUP * ATTN_MAX_HD / 16];
-        float mx[ATTN_MAX_GROUP], denom[ATTN_MAX_GROUP];
-        for (int64_t g = 0; g < G; ++g) {
-            const uint16_t *qr = q + (b * H + kvh * G + g) * hd;
-            for (int64_t v = 0; v < nv; ++v) {
-                qf[g * nv + v] = _mm512_mul_ps(load_bf16x16(qr + 16 * v), _mm512_set1_ps(scale));
-                acc[g * nv + v] = _mm512_setzero_ps();
-            }
-            mx[g] = -FLT_MAX;  // not -inf: -ffast-math assumes finite values
-            denom[g] = 0.0f;
-        }
-        for (int64_t j = lo; j < hi; ++j) {  // scores: each K row read once for the G heads
-            const uint16_t *kr = k_cache + (slots[b * L + j] * KVH + kvh) * hd;
-            __m512 kf[ATTN_MAX_HD / 16];
-            for (int64_t v = 0; v < nv; ++v) kf[v] = load_bf16x16(kr + 16 * v);
-            for (int64_t g = 0; g < G; ++g) {
-                __m512 dot = _mm512_mul_ps(qf[g * nv], kf[0]);
-                for (int64_t v = 1; v < nv; ++v) dot = _mm512_fmadd_ps(qf[g * nv + v], kf[v], dot);
-                const float d = _mm512_reduce_add_ps(dot);
-                s[g * L + j] = d;
-                mx[g] = d > mx[g] ? d : mx[g];
-            }
-        }
-        for (int64_t g = 0; g < G; ++g) {  // exp over the row, vectorised (libmvec)
-            float *sg = s + g * L, m = mx[g], sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = lo; j < hi; ++j) {
-                sg[j] = expf(sg[j] - m);
-                sum += sg[j];
-            }
-            denom[g] = sum;
-        }
-        for (int64_t j = lo; j < hi; ++j) {  // values: each V row read once for the G heads
-            const uint16_t *vr = v_cache + (slots[b * L + j] * KVH + kvh) * hd;
-            __m512 vf[ATTN_MAX_HD / 16];
-            for (int64_t v = 0; v < nv; ++v) vf[v] = load_bf16x16(vr + 16 * v);
-            for (int64_t g = 0; g < G; ++g) {
-                const __m512 p = _mm512_set1_ps(s[g * L + j]);
-                for (int64_t v = 0; v < nv; ++v) acc[g * nv + v] = _mm512_fmadd_ps(p, vf[v], acc[g * nv + v]);
-            }
-        }
-        for (int64_t g = 0; g < G; ++g) {
-            uint16_t *o = out + (b * H + kvh * G + g) * hd;
-            const __m512 inv = _mm512_set1_ps(1.0f / denom[g]);
-            for (int64_t v = 0; v < nv; ++v) {
-                float tmp[16];
-                _mm512_storeu_ps(tmp, _mm512_mul_ps(acc[g * nv + v], inv));
-                for (int i = 0; i < 16; ++i) o[16 * v + i] = to_bf16(tmp[i]);
-            }
+        const uint16_t *qb = q + (b * H + kvh * G) * hd, *kb = k_cache + kvh * hd, *vb = v_cache + kvh * hd;
+        const int64_t *sb = slots + b * L;
+        uint16_t *ob = out + (b * H + kvh * G) * hd;
+        switch (nv) {  // literal head dims: the compiler unrolls over them (see attend)
+            case 4: attend(4, G, qb, kb, vb, sb, KVH * hd, lo, hi, scale, s, L, ob); break;
+            case 8: attend(8, G, qb, kb, vb, sb, KVH * hd, lo, hi, scale, s, L, ob); break;
+            default: attend(nv, G, qb, kb, vb, sb, KVH * hd, lo, hi, scale, s, L, ob);
         }
     }
 }

@@ -245,7 +245,7 @@ def test_add_rms_norm_matches_torch(isa: str, rows: int, dim: int) -> None:
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 64), (6, 1, 16), (4, 4, 128)])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(8, 2, 64), (6, 1, 16), (4, 4, 128), (16, 2, 256)])
 @pytest.mark.parametrize("window", [None, 5])
 def test_decode_attention_matches_sdpa_path(isa: str, heads: int, kv_heads: int, head_dim: int,
                                             window: int | None) -> None:
