@@ -65,9 +65,9 @@ def main() -> None:
             q, kv, k_cache, v_cache, meta = _case(batch, context, heads, kv_heads, head_dim, gen)
             ways = {"kernel": kernel, "torch": None}
             times: dict[str, list[float]] = {name: [] for name in ways}
+            reps = max(1, int(2e6 // (batch * context)))  # calls per timing: ~2 M K/V positions
             for _ in range(args.passes):  # interleaved, so drift in the shared box hits both alike
                 for name, way in ways.items():
-                    reps = max(1, int(2e6 // (batch * context)))
                     paged_attention(q, kv, kv, k_cache, v_cache, meta, way)  # warm
                     t = time.perf_counter()
                     for _ in range(reps):

@@ -523,7 +523,7 @@ static inline __attribute__((always_inline)) void attend(
         }
         inv[g] = 1.0f / sum;
     }
-    __m512 *acc = qf;  // the queries are spent: their registers' spill slots hold the accumulators
+    __m512 *acc = qf;  // the queries are spent: their array holds the accumulators from here
     for (int64_t i = 0; i < G * nv; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t j0 = lo; j0 < hi; j0 += ATTN_CHUNK) {
         const int64_t j1 = j0 + ATTN_CHUNK < hi ? j0 + ATTN_CHUNK : hi;
