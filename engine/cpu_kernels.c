@@ -29,6 +29,7 @@
 #include <immintrin.h>
 #include <float.h>
 #include <math.h>
+#include <stdbool.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -621,14 +622,20 @@ void route(const uint16_t *x, const float *gate, int64_t T, int64_t D, int64_t E
             total += p[e];
         }
         float kept = 0.0f;
+        bool taken[E];
+        for (int64_t e = 0; e < E; ++e) taken[e] = false;
         for (int64_t j = 0; j < k; ++j) {  // selection: k is 1 to a few
-            int64_t best = -1;
-            for (int64_t e = 0; e < E; ++e)
-                if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
+            // NOTE: `best` starts at the first expert not taken, never at a sentinel: NaN logits
+            // (a corrupt checkpoint) lose every comparison, and an id out of range would send the
+            // expert kernel outside its weights; they yield valid ids and NaN weights instead.
+            int64_t best = 0;
+            while (taken[best]) ++best;
+            for (int64_t e = best + 1; e < E; ++e)
+                if (!taken[e] && p[e] > p[best]) best = e;
+            taken[best] = true;
             ids[t * k + j] = best;
             weights[t * k + j] = p[best] / total;
             kept += p[best] / total;
-            p[best] = -1.0f;  // taken
         }
         for (int64_t j = 0; j < k; ++j) weights[t * k + j] /= kept;
     }

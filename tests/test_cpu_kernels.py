@@ -311,6 +311,10 @@ def test_router_matches_select_experts(isa: str, tokens: int, num_experts: int, 
     assert torch.allclose(weights, want_w, atol=1e-6)
     tie = torch.zeros(2, 128, dtype=torch.bfloat16)  # every logit equal: the lowest experts win
     assert cpu_kernels.Router(isa, gate, top_k)(tie)[1].tolist() == [list(range(top_k))] * 2
+    nan = torch.full((3, 128), float("nan"), dtype=torch.bfloat16)  # a corrupt model's hidden states
+    nan_ids = cpu_kernels.Router(isa, gate, top_k)(nan)[1]  # [3, k]
+    assert all(sorted(set(row)) == sorted(row) for row in nan_ids.tolist())  # k distinct experts
+    assert nan_ids.min() >= 0 and nan_ids.max() < num_experts
 
 
 PROMPTS = [[1, 2, 3, 4, 5, 6], [1, *range(300, 340)], [1, *range(900, 905)]]
