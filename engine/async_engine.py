@@ -113,9 +113,13 @@ class AsyncEngine:
         return stats
 
     def check_health(self, stall_seconds: float) -> None:
-        """Raises when the loop died or a step has been running for over `stall_seconds`."""
+        """Raises when the loop died, a tensor-parallel rank died or a step has been running for
+        over `stall_seconds`."""
         if self._dead is not None:
             raise EngineDeadError(f"engine loop died: {self._dead!r}")
+        # NOTE: ranks are checked here too, not only at the next step: a rank lost while the
+        # replica is idle then gets it replaced before a request finds out.
+        self.engine.check_ranks()
         if self._loop_task is not None and self._loop_task.done():
             raise EngineDeadError("engine loop is not running")
         busy = self.engine.has_unfinished or not self._commands.empty()

@@ -163,15 +163,19 @@ class LLMEngine:
         self.workers = []
         self.runner.tp.close()
 
+    def check_ranks(self) -> None:
+        """Raises EngineDeadError when a tensor-parallel rank's process has ended."""
+        dead = [rank for rank, worker in enumerate(self.workers, start=1) if not worker.is_alive()]
+        if dead:
+            raise EngineDeadError(f"tensor-parallel rank(s) {dead} died")
+
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        dead = [i + 1 for i, w in enumerate(self.workers) if not w.is_alive()]
-        if dead:
-            raise EngineDeadError(f"tensor-parallel rank(s) {dead} died")
+        self.check_ranks()
         computed_before = {id(s.seq): s.seq.num_computed_tokens for s in batch}
         try:
             result = self.runner.execute(batch)

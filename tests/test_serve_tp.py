@@ -1,9 +1,13 @@
 """Tensor parallelism and fp8 through Serve: a replica whose placement group has two bundles
-(rank 1 a Ray actor in bundle 1, joined over gloo) answers exactly what one process computes."""
+(rank 1 a Ray actor in bundle 1, joined over gloo) answers exactly what one process computes,
+and losing rank 1 gets the replica replaced."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,12 +40,15 @@ def served(make_checkpoint) -> Iterator[tuple[str, Path]]:
         "default_tier": "latency",
         "router": {"num_cpus": 0},
         "tiers": {
-            "latency": {"engine": engine | {"tensor_parallel_size": 2}, "deployment": {"num_cpus": 0.2}},
+            "latency": {"engine": engine | {"tensor_parallel_size": 2},
+                        "deployment": {"num_cpus": 0.2, "health_check_period_s": 1}},
             "throughput": {"engine": engine | {"quantization": "fp8"}, "deployment": {"num_cpus": 0.1}},
         },
     }
     port = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    # The dashboard serves the state API the rank-loss test finds the rank's process with.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=_free_port(), logging_level="ERROR")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name="tp", route_prefix="/")
@@ -49,6 +56,12 @@ def served(make_checkpoint) -> Iterator[tuple[str, Path]]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _alive_pids(class_name: str) -> list[int]:
+    from ray.util.state import list_actors
+
+    return [int(a.pid) for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if a.class_name == class_name]
 
 
 def _greedy(base: str, tier: str) -> list[str]:
@@ -78,3 +91,22 @@ def test_fp8_tier_matches_offline_fp8(served: tuple[str, Path]) -> None:
     fp8 = _greedy(base, "throughput")
     assert fp8 == _offline(ckpt, quantization="fp8")
     assert fp8 != _greedy(base, "latency")  # fp8 weights really change the model
+
+
+def test_dead_rank_gets_the_replica_replaced(served: tuple[str, Path]) -> None:
+    base, ckpt = served
+    replicas, ranks = _alive_pids("ServeReplica:tp:latency"), _alive_pids("_RankActor")
+    assert len(replicas) == 1 and len(ranks) == 1, (replicas, ranks)
+    os.kill(ranks[0], signal.SIGKILL)  # rank 1 lost while the replica is idle (an OOM kill, a node fault)
+    # No request is sent: the health check alone has to notice and Serve replace the replica.
+    deadline = time.monotonic() + 90
+    while True:
+        assert time.monotonic() < deadline, "the replica with a dead rank was not replaced within 90 s"
+        time.sleep(0.5)
+        deployment = serve.status().applications["tp"].deployments["latency"]
+        now = _alive_pids("ServeReplica:tp:latency")
+        if deployment.replica_states.get("RUNNING", 0) == 1 and now and replicas[0] not in now:
+            break
+    new_ranks = _alive_pids("_RankActor")
+    assert len(new_ranks) == 1 and new_ranks != ranks
+    assert _greedy(base, "latency") == _offline(ckpt)
