@@ -94,7 +94,13 @@ def _fp8_slice(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's slice of weight `key` ([rows_total, K] in the file) in fp8 and its per-row
     scales: stored fp8 as it is, else quantised from the whole tensor (scales as a checkpoint's
-    would be), then sliced."""
+    would be), then sliced.
+
+    NOTE: w1 and w3 (and q/k/v) carry different per-tensor scales but share one engine parameter.
+    Rather than requantising the parts to the larger scale (vLLM's choice, which rounds the
+    smaller-scale part a second time), every row keeps its own scale: the fused parameter holds
+    exactly the checkpoint's values, and the kernels apply per-row scales after the K loop anyway.
+    """
     if stored_fp8:
         w8, rows = _read(handle, key, shard), row_scales(_checkpoint_scale(where, key), rows_total)  # [N]
     else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -172,43 +171,6 @@ def row_scales(scale: torch.Tensor, rows: int) -> torch.Tensor:
     if flat.numel() != rows:
         raise ValueError(f"weight scale of shape {list(scale.shape)} does not fit a weight of {rows} rows")
     return flat.clone()
-
-
-def fuse_fp8(parts: Sequence[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fuse checkpoint tensors of one engine parameter (e.g. an expert's w1 then w3 -> w13).
-
-    `parts`: (name, tensor) pairs, weights `*.weight` (fp8) with their `*.weight_scale` /
-    `*.qscale_weight`; the fused rows follow the order in which the weights appear.
-    Returns (fp8 weight [sum N, K], fp32 per-row scale [sum N]).
-
-    NOTE: w1 and w3 (and q/k/v) carry different per-tensor scales. Rather than requantising
-    both halves to the larger scale (vLLM's choice, which rounds the smaller-scale half a
-    second time), the fused parameter keeps one scale per row: fusion is exact, and the
-    kernels apply per-channel scales after the K loop at no extra cost.
-    """
-    weights: dict[str, torch.Tensor] = {}
-    scales: dict[str, torch.Tensor] = {}
-    for name, tensor in parts:
-        base, kind = split_fp8_name(name)
-        if kind == "weight":
-            weights[base] = tensor
-        elif kind == "weight_scale":
-            scales[base] = tensor
-    missing = [n for n in weights if n not in scales]
-    if missing or len(scales) != len(weights):
-        raise ValueError(f"fp8 weights and scales do not pair up: weights {list(weights)}, scales {list(scales)}")
-    bad = [n for n, w in weights.items() if w.dtype != FP8]
-    if bad:
-        raise ValueError(f"expected float8_e4m3fn weights, got {[str(weights[n].dtype) for n in bad]} for {bad}")
-    w8 = torch.cat(list(weights.values()), dim=0)  # [sum N, K]
-    scale = torch.cat([row_scales(scales[n], w.shape[0]) for n, w in weights.items()])  # [sum N]
-    return w8, scale
-
-
-def fuse_input_scales(scales: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One static activation scale for inputs shared by several linears (q/k/v, or every expert's
-    w1/w3): the max, so no input saturates."""
-    return torch.stack([s.float().reshape(()) for s in scales]).max()
 
 
 # ---- writing fp8 checkpoints (tests, benchmarks) --------------------------------------------

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from engine.checkpoint import PRESETS, random_weights, write_checkpoint
+from engine.loader import load_model
 from engine.quant import (
     FP8,
     FP8_MAX,
@@ -20,8 +21,6 @@ from engine.quant import (
     fp8_config_from_hf,
     fp8_config_from_mistral,
     fp8_linear,
-    fuse_fp8,
-    fuse_input_scales,
     quantize_act_fp8,
     quantize_fp8,
     read_fp8_config,
@@ -91,39 +90,9 @@ def test_fp8_linear_matches_dequantised_matmul(per_channel: bool, dtype: torch.d
     assert ((out.double() - ref).norm() / ref.norm()).item() < tol
 
 
-def test_fuse_fp8_keeps_each_part_exact() -> None:
-    gen = torch.Generator().manual_seed(3)
-    w1, s1 = quantize_fp8(torch.randn(16, 8, generator=gen))
-    w3, s3 = quantize_fp8(torch.randn(16, 8, generator=gen) * 40)  # a very different scale
-    assert s1.item() != s3.item()
-    p = "model.layers.0.block_sparse_moe.experts.1."
-    # Scales may come before or after their weights; the weights' order sets the row order.
-    parts = [(p + "w1.weight_scale", s1), (p + "w1.weight", w1), (p + "w3.weight", w3), (p + "w3.weight_scale", s3)]
-    w13, scale = fuse_fp8(parts)
-    assert w13.dtype == FP8 and w13.shape == (32, 8) and scale.shape == (32,)
-    expected = torch.cat([dequantize_fp8(w1, s1), dequantize_fp8(w3, s3)])
-    assert torch.equal(dequantize_fp8(w13, scale), expected)  # bit-exact: no requantisation
-
-
-def test_fuse_fp8_mistral_names_and_per_channel_scales() -> None:
-    gen = torch.Generator().manual_seed(4)
-    wq, sq = quantize_fp8(torch.randn(8, 4, generator=gen), per_channel=True)
-    wk, sk = quantize_fp8(torch.randn(4, 4, generator=gen))
-    parts = [
-        ("layers.0.attention.wq.weight", wq), ("layers.0.attention.wq.qscale_weight", sq[:, None]),  # [N, 1]
-        ("layers.0.attention.wk.weight", wk), ("layers.0.attention.wk.qscale_weight", sk.reshape(1)),  # [1]
-        ("layers.0.attention.wk.qscale_act", torch.tensor(0.5)),  # input scales are not part of the weight
-    ]
-    w, scale = fuse_fp8(parts)
-    assert torch.equal(dequantize_fp8(w, scale), torch.cat([dequantize_fp8(wq, sq), dequantize_fp8(wk, sk)]))
-
-
-def test_fuse_fp8_rejects_unpaired_or_unquantised() -> None:
-    w8, s = quantize_fp8(torch.randn(4, 4))
-    with pytest.raises(ValueError, match="pair up"):
-        fuse_fp8([("a.w1.weight", w8), ("a.w3.weight", w8), ("a.w1.weight_scale", s)])
-    with pytest.raises(ValueError, match="float8_e4m3fn"):
-        fuse_fp8([("a.w1.weight", torch.randn(4, 4)), ("a.w1.weight_scale", s)])
+def test_row_scales_of_every_stored_shape() -> None:
+    for stored in (torch.tensor(0.5), torch.tensor([0.5]), torch.full((4,), 0.5), torch.full((4, 1), 0.5)):
+        assert torch.equal(row_scales(stored, 4), torch.full((4,), 0.5))
     with pytest.raises(ValueError, match="does not fit"):
         row_scales(torch.ones(3), 4)
 
@@ -137,7 +106,6 @@ def test_split_fp8_name_hf_and_mistral() -> None:
         "layers.1.feed_forward.experts.2.w3.weight", "weight_scale")
     assert split_fp8_name("layers.1.attention.wo.qscale_act") == ("layers.1.attention.wo.weight", "input_scale")
     assert split_fp8_name("layers.1.attention.wo.weight") == ("layers.1.attention.wo.weight", "weight")
-    assert fuse_input_scales([torch.tensor(0.1), torch.tensor([0.3]), torch.tensor(0.2)]).item() == pytest.approx(0.3)
 
 
 def test_quantization_configs() -> None:
@@ -184,17 +152,29 @@ def test_hf_fp8_checkpoint_round_trip(tmp_path: Path, scheme: str) -> None:
         _assert_fp8_error(original[name].float(), dequantize_fp8(tensors[name], scale), scale)
         has_input = name.removesuffix("weight") + "input_scale" in tensors
         assert has_input == (scheme == "static")
-    # The loader's view: fuse an expert's w1/w3 into w13 rows.
-    names = [f"{p}experts.5.{w}.{kind}" for w in ("w1", "w3") for kind in ("weight", "weight_scale")]
-    w13, scale = fuse_fp8([(n, tensors[n]) for n in names])
-    inter = cfg.intermediate_size
-    assert w13.shape == (2 * inter, cfg.hidden_size) and scale.shape == (2 * inter,)
-    deq = dequantize_fp8(w13, scale)
-    for half, w in ((deq[:inter], "w1"), (deq[inter:], "w3")):
-        n = f"{p}experts.5.{w}.weight"
-        assert torch.equal(half, dequantize_fp8(tensors[n], tensors[n + "_scale"]))
     if scheme == "static":
         assert tensors[p + "experts.5.w1.input_scale"].item() == pytest.approx(STATIC_INPUT_SCALE)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_loader_holds_each_fp8_part_exactly(tmp_path: Path, per_channel: bool) -> None:
+    """w1/w3 and q/k/v share an engine parameter but carry their own scales in the file: kept in
+    fp8 (the backends with fp8 kernels) or dequantised at load, every row is what the file holds."""
+    src = write_checkpoint(tmp_path / "bf16", PRESETS["tiny"], seed=0, dtype="bfloat16")
+    ckpt = convert_checkpoint_to_fp8(src, tmp_path / "fp8", per_channel=per_channel)
+    tensors = _read_all(ckpt)
+    kept, _ = load_model(ckpt, torch.bfloat16, progress=False, moe_backend="triton")  # only built, never run
+    dequantised, _ = load_model(ckpt, torch.float32, progress=False)
+    expert = "model.layers.1.block_sparse_moe.experts.5."
+    attn = "model.layers.0.self_attn."
+    names = [expert + "w1.weight", expert + "w3.weight", *(f"{attn}{x}_proj.weight" for x in "qkv")]
+    scales = {n: tensors[n + "_scale"] for n in names}
+    assert scales[expert + "w1.weight"].flatten()[0] != scales[expert + "w3.weight"].flatten()[0]
+    for name in names:
+        w8, rows = tensors[name], row_scales(scales[name], tensors[name].shape[0])  # [N, K], [N]
+        assert torch.equal(kept.weight_slot(name).view(torch.uint8), w8.view(torch.uint8))
+        assert torch.equal(kept.scale_slot(name), rows)
+        assert torch.equal(dequantised.weight_slot(name), dequantize_fp8(w8, rows))
 
 
 def test_sharded_and_per_channel_fp8_checkpoint(tmp_path: Path) -> None:
