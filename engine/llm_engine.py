@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from engine.config import EngineConfig
 from engine.kv_cache import BlockManager
 from engine.model_runner import StepOutput, build_runner
-from engine.parallel import TPGroup, WorkerHandle, WorkerLauncher, free_port, join_group, launch_local
+from engine.parallel import TPGroup, WorkerHandle, WorkerLauncher, free_port, join_group, launch_local, stop_ranks
 from engine.outputs import ChoiceDelta, EngineDeadError, EngineStats, RequestError, RequestOutput, StepFailedError
 from engine.sampling import SamplingParams, make_generator
 from engine.scheduler import Scheduler
@@ -39,6 +40,9 @@ class LLMEngine:
             self.workers = [launcher(rank, world, init_method, cfg_json) for rank in range(1, world)]
             tp = join_group(self.workers, init_method, torch.device(config.device))
         self.runner = build_runner(config, tp, self.tokenizer.eos_id)
+        # NOTE: also when the engine is collected or the interpreter exits, where multiprocessing
+        # would otherwise kill local ranks mid-loop; it holds the group and handles, not the model.
+        self._stop_ranks = weakref.finalize(self, stop_ranks, tp, self.workers)
         self.load_seconds = time.perf_counter() - t0
         self.model = self.runner.model
         self.model_config = cfg = self.model.cfg
@@ -155,13 +159,8 @@ class LLMEngine:
         return bool(self.requests)
 
     def shutdown(self) -> None:
-        """Stops the tensor-parallel ranks (no-op without tensor parallelism)."""
-        if self.workers and all(w.is_alive() for w in self.workers):
-            self.runner.stop_workers()
-        for worker in self.workers:
-            worker.stop()
-        self.workers = []
-        self.runner.tp.close()
+        """Stops the tensor-parallel ranks (no-op without tensor parallelism; once)."""
+        self._stop_ranks()
 
     def check_ranks(self) -> None:
         """Raises EngineDeadError when a tensor-parallel rank's process has ended."""

@@ -224,9 +224,6 @@ class ModelRunner:
         while (items := self.tp.broadcast(None)) is not None:
             self._forward(items)
 
-    def stop_workers(self) -> None:
-        if self.tp.world_size > 1 and self.tp.rank == 0:
-            self.tp.broadcast(None)
 
 
 def checkpoint_dtype(model_dir: Path) -> str | None:

@@ -177,6 +177,9 @@ class WorkerLauncher(Protocol):
     def __call__(self, rank: int, world_size: int, init_method: str, config_json: str) -> WorkerHandle: ...
 
 
+_EXIT_GRACE_S = 5.0  # a rank told to stop exits in well under a second
+
+
 class LocalProcess:
     def __init__(self, process: Any) -> None:
         self.process = process
@@ -185,8 +188,23 @@ class LocalProcess:
         return bool(self.process.is_alive())
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.join(timeout=10)
+        # NOTE: after rank 0's stop broadcast the rank leaves on its own, and its exit releases what
+        # multiprocessing registered for it (a terminated rank left a "leaked semaphore" warning).
+        self.process.join(timeout=_EXIT_GRACE_S)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=10)
+
+
+def stop_ranks(tp: TPGroup, workers: list[WorkerHandle]) -> None:
+    """Rank 0: ends every rank's step loop (`ModelRunner.serve_forever` stops at a None step) when
+    all still run, stops the ranks and leaves the group."""
+    if workers and all(w.is_alive() for w in workers):
+        tp.broadcast(None)
+    for worker in workers:
+        worker.stop()
+    workers.clear()
+    tp.close()
 
 
 def launch_local(rank: int, world_size: int, init_method: str, config_json: str) -> WorkerHandle:

@@ -8,16 +8,23 @@ sums every part in rank order, so all ranks hold the same bits. On x86 stores be
 program order, so a published sequence number implies the data before it is visible too.
 Messages over the slot size (prefill-sized ones, where bandwidth matters more than latency)
 still go through gloo.
+
+NOTE: the buffer is a plain file in /dev/shm mapped by every rank, not
+`multiprocessing.shared_memory`: that registers each attach with a resource tracker, which
+local ranks share with rank 0 and Ray actors do not, so no one unregister-or-not rule avoids
+both a KeyError at unlink and a segment unlinked behind rank 0's back.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import platform
+import secrets
 import socket
 import time
-from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +37,7 @@ SLOT_BYTES = 1 << 20  # per rank and buffer: a decode step's hidden states (64 x
 _REDUCE, _BCAST, _ACK, _PID = range(4)  # header columns, one row per rank
 _SPINS_BEFORE_SLEEP = 20_000  # then an idle rank (no steps coming) sleeps between polls
 _SPINS_PER_LIVENESS_CHECK = 512
+_SHM_DIR = Path("/dev/shm")
 
 
 class ShmChannel:
@@ -37,11 +45,11 @@ class ShmChannel:
     regions, then two sets of W all-reduce slots (double-buffered: a rank reuses a buffer only
     after every rank has published the next sequence number, so has finished reading it)."""
 
-    def __init__(self, shm: shared_memory.SharedMemory, rank: int, world_size: int) -> None:
-        self.shm, self.rank, self.world_size = shm, rank, world_size
+    def __init__(self, mapping: mmap.mmap, rank: int, world_size: int) -> None:
+        self.mapping, self.rank, self.world_size = mapping, rank, world_size
         header_bytes = world_size * 4 * 8
-        self.header = np.ndarray((world_size, 4), dtype=np.int64, buffer=shm.buf)  # [W, 4]
-        raw = torch.frombuffer(shm.buf, dtype=torch.uint8)
+        self.header = np.ndarray((world_size, 4), dtype=np.int64, buffer=mapping)  # [W, 4]
+        raw = torch.frombuffer(mapping, dtype=torch.uint8)
         bcast_end = header_bytes + 2 * (8 + SLOT_BYTES)
         self.bcast = raw[header_bytes:bcast_end].view(2, 8 + SLOT_BYTES)  # [2, length + payload]
         self.slots = raw[bcast_end:].view(2, world_size, SLOT_BYTES)  # [2, W, bytes]
@@ -58,33 +66,27 @@ class ShmChannel:
         """Collective over the gloo group: a channel when every rank is on rank 0's host (and x86,
         and /dev/shm has room), else None on every rank (gloo carries everything)."""
         size = cls.size(world_size)
-        shm: shared_memory.SharedMemory | None = None
+        mapping: mmap.mmap | None = None
+        path = _SHM_DIR / f"mixtral-serve-tp-{secrets.token_hex(8)}"  # rank 0's is the one used
         if rank == 0 and _shm_room() >= 2 * size and platform.machine() in ("x86_64", "AMD64"):
-            shm = shared_memory.SharedMemory(create=True, size=size)
-            shm.buf[:size] = bytes(size)  # touch every page now: a full /dev/shm fails here, not mid-step
-        box = [(shm.name if shm else None, socket.gethostname())]
+            mapping = _map(path, size, create=True)
+        box = [(path.name if mapping else None, socket.gethostname())]
         dist.broadcast_object_list(box, src=0, group=group)
         name, host = box[0]
         if rank > 0 and name is not None and host == socket.gethostname():
-            try:
-                shm = shared_memory.SharedMemory(name=name)
-                # NOTE: attaching registers the segment with this process's resource tracker
-                # (Python < 3.13), which would unlink rank 0's segment when this rank exits.
-                resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-            except OSError:
-                shm = None
-        ok = torch.tensor([int(shm is not None)])
+            mapping = _map(_SHM_DIR / name, size, create=False)
+        ok = torch.tensor([int(mapping is not None)])
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
         if not ok.item():
-            if shm is not None:
-                shm.close()
+            if mapping is not None:
+                mapping.close()
                 if rank == 0:
-                    shm.unlink()
+                    path.unlink()
             return None
-        channel = cls(shm, rank, world_size)
+        channel = cls(mapping, rank, world_size)
         dist.barrier(group=group)  # every rank is attached, and its pid in the header
         if rank == 0:
-            shm.unlink()  # the mappings live on; a crashed replica leaves nothing in /dev/shm
+            path.unlink()  # the mappings live on; a crashed replica leaves nothing in /dev/shm
         return channel
 
     def all_reduce(self, x: torch.Tensor) -> bool:
@@ -140,12 +142,31 @@ class ShmChannel:
     def close(self) -> None:
         self.header = None  # type: ignore[assignment]  # drop the views before closing the mapping
         self.bcast = self.slots = None  # type: ignore[assignment]
-        self.shm.close()
+        self.mapping.close()
+
+
+def _map(path: Path, size: int, create: bool) -> mmap.mmap | None:
+    """`path` mapped read-write; with `create`, a new file of `size` bytes, its pages allocated now
+    (a full /dev/shm fails here, not as SIGBUS mid-step). None when that fails."""
+    try:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+    except OSError:
+        return None
+    try:
+        if create:
+            os.posix_fallocate(fd, 0, size)
+        return mmap.mmap(fd, size)
+    except OSError:
+        if create:
+            path.unlink()
+        return None
+    finally:
+        os.close(fd)
 
 
 def _shm_room() -> int:
     try:
-        st = os.statvfs("/dev/shm")
+        st = os.statvfs(_SHM_DIR)
     except OSError:
         return 0
     return st.f_bavail * st.f_frsize

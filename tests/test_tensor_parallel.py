@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,6 +48,24 @@ def test_tp2_matches_tp1(make_checkpoint, cfg: ModelConfig, layout: str) -> None
         llm.engine.shutdown()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_ranks_leave_cleanly_when_the_program_ends(make_checkpoint) -> None:
+    """A program that never calls shutdown: at exit its local rank is stopped, not killed, and
+    neither Python's resource tracker nor /dev/shm is left with anything of the group's."""
+    script = (
+        "from engine import LLM, SamplingParams\n"
+        f"llm = LLM({str(make_checkpoint())!r}, dtype='float32', tensor_parallel_size=2, load_progress=False,\n"
+        "          cache={'kv_cache_bytes': 8 << 20})\n"
+        "print(llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=2))[0].token_ids)\n"
+    )
+    before = set(Path("/dev/shm").glob("mixtral-serve-tp-*"))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("[")
+    for trace in ("resource_tracker", "leaked", "Traceback"):
+        assert trace not in run.stderr, run.stderr
+    assert set(Path("/dev/shm").glob("mixtral-serve-tp-*")) == before
 
 
 def test_dead_rank_is_reported_not_hung(make_checkpoint) -> None:
