@@ -79,6 +79,10 @@ def test_fp8_quality_against_bf16_on_bench(tmp_path_factory: pytest.TempPathFact
     # on 97.7% (KL 0.009). A random model's logits are near-i.i.d., so its top-1 margin is set by
     # extreme-value statistics (12% of prompts lead by < 0.25 logit) and any ~2% perturbation of the
     # final hidden state flips those; fp8 also changes the routing of 5-10% of tokens per layer.
+    # Any perturbation of that size does the same: i.i.d. multiplicative noise of fp8's 2.6% rms
+    # on the same weights agrees on ~93%, and fp8 with every routing decision forced to bf16's
+    # on ~94.5% (an fp32 forward over 6,400 positions). Half of the KL is one token: fp8 flips the
+    # routing of the shared BOS at layers 1, 3, 5 and 7, which moves every prompt's attention.
     # Below the 95% hoped for, so the bound is set at what fp8 achieves, to catch regressions.
     for agree, kl in figures.values():
         assert agree >= 0.85 and kl < 0.06, figures
