@@ -225,7 +225,6 @@ class ModelRunner:
             self._forward(items)
 
 
-
 def checkpoint_dtype(model_dir: Path) -> str | None:
     cfg = model_dir / "config.json"
     if cfg.is_file():
