@@ -67,12 +67,13 @@ class ShmChannel:
         and /dev/shm has room), else None on every rank (gloo carries everything)."""
         size = cls.size(world_size)
         mapping: mmap.mmap | None = None
-        path = _SHM_DIR / f"mixtral-serve-tp-{secrets.token_hex(8)}"  # rank 0's is the one used
+        name: str | None = None
         if rank == 0 and _shm_room() >= 2 * size and platform.machine() in ("x86_64", "AMD64"):
-            mapping = _map(path, size, create=True)
-        box = [(path.name if mapping else None, socket.gethostname())]
+            name = f"mixtral-serve-tp-{secrets.token_hex(8)}"
+            mapping = _map(_SHM_DIR / name, size, create=True)
+        box = [(name if mapping else None, socket.gethostname())]
         dist.broadcast_object_list(box, src=0, group=group)
-        name, host = box[0]
+        name, host = box[0]  # rank 0's, on every rank
         if rank > 0 and name is not None and host == socket.gethostname():
             mapping = _map(_SHM_DIR / name, size, create=False)
         ok = torch.tensor([int(mapping is not None)])
@@ -81,12 +82,12 @@ class ShmChannel:
             if mapping is not None:
                 mapping.close()
                 if rank == 0:
-                    path.unlink()
+                    (_SHM_DIR / name).unlink()
             return None
         channel = cls(mapping, rank, world_size)
         dist.barrier(group=group)  # every rank is attached, and its pid in the header
         if rank == 0:
-            path.unlink()  # the mappings live on; a crashed replica leaves nothing in /dev/shm
+            (_SHM_DIR / name).unlink()  # the mappings live on; a crashed replica leaves nothing in /dev/shm
         return channel
 
     def all_reduce(self, x: torch.Tensor) -> bool:
