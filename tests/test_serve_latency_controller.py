@@ -87,6 +87,24 @@ def test_caps_follow_the_cost_online() -> None:
     assert sum(1 for _, t in after[100:] if t > target) / 200 < 0.1
 
 
+@pytest.mark.parametrize("spike", [0.0, 0.004, 0.006, 0.008, 0.010])
+def test_noisy_narrow_batches_do_not_extrapolate_past_the_target(spike: float) -> None:
+    """Batches of 4-6 whose small ones now and then wait for the cores (the serving processes
+    busy): least squares then sees a high overhead and a flat per-sequence cost. The cap must
+    still be a batch whose true step time fits what the target allows, and clean steps must
+    still let it grow past the sizes measured."""
+    ctl = LatencyController(0.036)
+    sizes = [4, 5, 6, 5, 4, 6, 5, 4]
+    for i in range(80):
+        n = sizes[i % len(sizes)]
+        seconds = 0.014 + 0.0022 * n + (0.0005 if i % 2 else -0.0005)
+        ctl.observe(seconds + (spike if n == 4 and i % 3 == 0 else 0.0), n, n)
+    cap = ctl.max_seqs(max_num_seqs=64)
+    assert 0.014 + 0.0022 * cap <= ctl.allowed()
+    if spike == 0.0:
+        assert cap > 6
+
+
 def test_an_unreachable_target_still_serves_one_sequence() -> None:
     ctl = LatencyController(0.001)
     history = simulate(ctl, linear(0.004, 0.001, 0.0001), steps=100)
