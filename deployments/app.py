@@ -2,12 +2,11 @@
 
 Validates everything the application takes before any replica starts: the `args` schema, the
 checkpoint, each tier's parallelism against the checkpoint, and each tier's engine
-configuration (the engine layer's own validation). Errors name the offending key.
+configuration (the engine's own types, embedded in the tier's). Errors name the offending key.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
@@ -17,43 +16,10 @@ from deployments.config import ROUTER_DEPLOYMENT, AppConfig, TierConfig
 from deployments.replica import ModelReplica
 from deployments.router import Router, RouterSettings
 from engine.checkpoint import default_model_dir
-from engine.config import CacheConfig, DecodeGraphConfig, EngineConfig, SchedulerConfig
 from engine.model_config import ModelConfig, load_model_config
 
 
-def engine_config(model: Path | None, tier: TierConfig, chat_template: str) -> EngineConfig:
-    """The tier's engine configuration (its scheduler knobs also arrive later as user_config)."""
-    e, t = tier.engine, tier.tuning
-    return EngineConfig(
-        model=str(model) if model is not None else str(default_model_dir()),
-        dtype=e.dtype,
-        device=e.device,
-        max_model_len=e.max_model_len,
-        tensor_parallel_size=e.tensor_parallel_size,
-        quantization=e.quantization,
-        fp8_per_channel=e.fp8_per_channel,
-        moe_backend=e.moe_backend,
-        cpu_kernels=e.cpu_kernels,
-        decode_graphs=DecodeGraphConfig(max_batch=e.cuda_graph_max_batch, max_context=e.cuda_graph_max_context),
-        chat_template=chat_template,
-        seed=e.seed,
-        cache=CacheConfig(
-            block_size=e.block_size,
-            kv_cache_bytes=e.kv_cache_mb * 2**20 if e.kv_cache_mb else None,
-            kv_cache_fraction=e.kv_cache_fraction,
-            enable_prefix_caching=e.enable_prefix_caching,
-        ),
-        scheduler=SchedulerConfig(
-            max_num_seqs=t.max_num_seqs,
-            max_num_batched_tokens=t.max_num_batched_tokens,
-            policy=t.policy,
-            target_step_seconds=t.target_step_seconds(),
-        ),
-        load_progress=False,
-    )
-
-
-def validate(args: dict[str, Any]) -> tuple[AppConfig, ModelConfig, dict[str, EngineConfig]]:
+def validate(args: dict[str, Any]) -> tuple[AppConfig, ModelConfig]:
     """Raises ValueError (pydantic's ValidationError is one) naming the first bad key."""
     config = AppConfig.model_validate(args)
     # The embedded default is written here if absent, so a fresh machine serves out of the box.
@@ -62,15 +28,10 @@ def validate(args: dict[str, Any]) -> tuple[AppConfig, ModelConfig, dict[str, En
         model_config, _ = load_model_config(model_dir)
     except (FileNotFoundError, ValueError) as err:
         raise ValueError(f"model: cannot read the checkpoint at {model_dir}: {err}") from err
-    engines = {}
     config.auth.entries()  # the key file or variable is readable (the router reads it again)
     for name, tier in config.tiers.items():
         tier.check(name, model_config.num_attention_heads, model_config.num_key_value_heads)
-        try:
-            engines[name] = engine_config(config.model_dir(), tier, config.chat_template)
-        except ValueError as err:
-            raise ValueError(f"tiers.{name}: {err}") from err
-    return config, model_config, engines
+    return config, model_config
 
 
 def _placement(tier: TierConfig) -> dict[str, Any]:
@@ -89,14 +50,16 @@ def _placement(tier: TierConfig) -> dict[str, Any]:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    config, model_config, engines = validate(args)
+    config, model_config = validate(args)
     # Every tier's latency targets are buckets of every tier's histograms (the dashboards read them).
     buckets = metrics.histogram_buckets(
         metrics.tier_targets(t.tuning.itl_target_ms, t.tuning.ttft_target_ms) for t in config.tiers.values())
+    model_dir = config.model_dir()
     handles = {}
     for name, tier in config.tiers.items():
-        # `model: None` travels as None: each replica resolves the embedded default on its own node.
-        engine = engines[name].model_dump(mode="json") | {"model": config.model}
+        # NOTE: `model: None` travels as None: each replica's engine resolves the embedded default
+        # on its own node. The scheduler knobs travel once, as user_config (`reconfigure`).
+        engine = tier.engine.model_copy(update={"model": model_dir and str(model_dir), "load_progress": False})
         dep = tier.deployment
         handles[name] = ModelReplica.options(
             name=name,
@@ -110,7 +73,7 @@ def build_app(args: dict[str, Any]) -> Application:
         ).bind(name, engine, dep.engine_stall_s, dep.graceful_shutdown_timeout_s, buckets)
     context = model_config.max_position_embeddings
     settings = RouterSettings(
-        served_model_name=config.served_model_name or (config.model_dir() or default_model_dir()).name,
+        served_model_name=config.served_model_name or (model_dir or default_model_dir()).name,
         default_tier=config.default_tier,
         max_model_len={n: min(t.engine.max_model_len or context, context) for n, t in config.tiers.items()},
         auth=config.auth,

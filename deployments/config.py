@@ -1,16 +1,18 @@
 """The application's configuration: the `args` of a Serve config file, validated once by the builder.
 
-Pure pydantic (no engine, no Ray): the router process imports it too.
+Pure pydantic (no Ray, no torch): the router process imports it too. A tier's `engine` and
+`tuning` blocks are the engine's own types (engine/config.py), embedded, not mirrored.
 
 Layout of `args` (see configs/local.yaml):
 
-    model, served_model_name, chat_template, default_tier
+    model, served_model_name, default_tier
     auth:    API keys (deployments/auth.py)
     router:  {num_replicas, num_cpus, max_ongoing_requests, max_body_bytes}
     tiers:
       <name>:
-        engine:      what a replica loads (dtype, device, context, KV cache, parallelism)
-        tuning:      scheduler knobs; sent as Serve `user_config`, so live-tunable
+        engine:      what a replica loads: engine.config.EngineConfig (dtype, device, context, cache,
+                     parallelism, kernels), less `model` (the app's) and `scheduler` (= tuning)
+        tuning:      engine.config.SchedulerConfig; sent as Serve `user_config`, so live-tunable
         autoscaling: replica bounds and the queue-depth policy's knobs
         deployment:  Ray resources and Serve replica options
         admission:   the router's queue limits and time limit for the tier (deployments/backpressure.py)
@@ -25,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from deployments.auth import AuthConfig
 from deployments.backpressure import AdmissionConfig
+from engine.config import EngineConfig, SchedulerConfig
 
 POLICY_FUNCTION = "deployments.autoscaling:QueueDepthPolicy"
 ROUTER_DEPLOYMENT = "router"
@@ -36,74 +39,6 @@ TierName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class EngineSettings(_Strict):
-    """What one replica's engine loads; maps onto engine.config.EngineConfig."""
-
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["cpu", "cuda"] = "cpu"
-    max_model_len: int | None = Field(None, ge=1)
-    # KV cache: a fixed size, else a fraction of the memory left after the weights.
-    kv_cache_mb: int | None = Field(None, gt=0)
-    kv_cache_fraction: float = Field(0.25, gt=0.0, le=0.95)
-    block_size: int = Field(16, ge=1, le=1024)
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    # Ranks of one replica: rank 0 is the replica itself, the others Ray actors in its
-    # placement group (one bundle per rank, `deployment.placement_strategy`).
-    tensor_parallel_size: int = Field(1, ge=1)
-    quantization: Literal["fp8"] | None = None
-    fp8_per_channel: bool = True
-    # The project's CPU kernels (AMX tiles or AVX512-BF16; "auto": the best this CPU runs, for bf16).
-    cpu_kernels: Literal["auto", "amx", "avx512", "off"] = "auto"
-    # "auto": the Triton fused-MoE kernel on GPUs, the CPU kernel where the CPU kernels run (both
-    # keep fp8 weights in fp8), oneDNN matmuls per expert on other CPUs.
-    moe_backend: Literal["auto", "torch", "triton", "cpu"] = "auto"
-    # CUDA graphs replay decode steps of up to this many sequences and context tokens (device
-    # cuda; ignored on CPUs). 0 turns them off.
-    cuda_graph_max_batch: int = Field(64, ge=0)
-    cuda_graph_max_context: int = Field(8192, ge=1)
-
-
-class TierTuning(_Strict):
-    """Scheduler knobs of a tier. Sent to replicas as Serve `user_config`: changing them through
-    a redeployed config reaches running replicas via `reconfigure()`, without a restart."""
-
-    max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=1)
-    policy: Literal["fcfs", "priority"] = "fcfs"
-    # Fixed-latency tiers: the engine adapts its batch caps to keep the p90 step period (= the
-    # inter-token latency) under this target, less the serving margin below.
-    itl_target_ms: float | None = Field(None, gt=0)
-    # The part of the ITL target left to the path after the engine (replica -> router -> proxy
-    # -> client): the jitter it adds to streamed tokens, which the engine cannot measure.
-    itl_serving_margin_ms: float = Field(0.0, ge=0)
-    # Requests still waiting for their first token after this long count as TTFT breaches;
-    # any breach asks the autoscaler for one more replica.
-    ttft_target_ms: float | None = Field(None, gt=0)
-    # Streamed deltas are held back and sent together for up to this long (the first token is
-    # always sent at once): fewer, larger messages for throughput tiers. 0 = every step.
-    stream_flush_ms: float = Field(0.0, ge=0.0, le=1000.0)
-
-    @model_validator(mode="after")
-    def _check(self) -> "TierTuning":
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
-                f"({self.max_num_seqs}) so every running sequence can decode in one step"
-            )
-        if self.itl_target_ms is not None and self.itl_serving_margin_ms >= self.itl_target_ms:
-            raise ValueError(
-                f"itl_serving_margin_ms ({self.itl_serving_margin_ms}) must be below itl_target_ms ({self.itl_target_ms})"
-            )
-        return self
-
-    def target_step_seconds(self) -> float | None:
-        """The engine's step-period target (engine.config.SchedulerConfig.target_step_seconds)."""
-        if self.itl_target_ms is None:
-            return None
-        return (self.itl_target_ms - self.itl_serving_margin_ms) / 1000
 
 
 class TierAutoscaling(_Strict):
@@ -163,11 +98,20 @@ class TierDeployment(_Strict):
 
 
 class TierConfig(_Strict):
-    engine: EngineSettings = EngineSettings()
-    tuning: TierTuning = TierTuning()
+    engine: EngineConfig = EngineConfig()
+    # The engine's scheduler knobs, delivered to replicas only as Serve `user_config`: changing them
+    # in a redeployed config reaches running replicas via `reconfigure()`, without a restart.
+    tuning: SchedulerConfig = SchedulerConfig()
     autoscaling: TierAutoscaling = TierAutoscaling()
     deployment: TierDeployment = TierDeployment()
     admission: AdmissionConfig = AdmissionConfig()
+
+    @model_validator(mode="after")
+    def _engine_keys(self) -> "TierConfig":
+        for key, owner in (("model", "the app's `model`"), ("scheduler", "the tier's `tuning` block")):
+            if key in self.engine.model_fields_set:
+                raise ValueError(f"engine.{key} is not a tier setting: it comes from {owner}")
+        return self
 
     def check(self, name: str, num_attention_heads: int, num_key_value_heads: int) -> None:
         """Checks against the checkpoint and the resources; errors name the offending key."""
@@ -179,13 +123,14 @@ class TierConfig(_Strict):
                     f"{key}.engine.tensor_parallel_size={tp} does not divide the checkpoint's {what} ({heads})"
                 )
         gpus = self.deployment.num_gpus
-        if self.engine.device == "cuda" and gpus != tp:
+        on_gpu = self.engine.device.startswith("cuda")
+        if on_gpu and gpus != tp:
             raise ValueError(
                 f"{key}.deployment.num_gpus={gpus:g} must equal {key}.engine.tensor_parallel_size={tp} "
                 "(one GPU per tensor-parallel rank)"
             )
-        if self.engine.device == "cpu" and gpus:
-            raise ValueError(f"{key}.deployment.num_gpus={gpus:g} but {key}.engine.device is 'cpu'")
+        if not on_gpu and gpus:
+            raise ValueError(f"{key}.deployment.num_gpus={gpus:g} but {key}.engine.device is {self.engine.device!r}")
 
 
 class RouterConfig(_Strict):
@@ -200,7 +145,6 @@ class AppConfig(_Strict):
     # A checkpoint folder; null = the embedded tiny random-weight checkpoint (created if absent).
     model: str | None = None
     served_model_name: str | None = None  # default: the checkpoint folder's name
-    chat_template: Literal["mistral", "llama2-sys"] = "mistral"
     default_tier: str
     tiers: dict[TierName, TierConfig] = Field(min_length=1)
     router: RouterConfig = RouterConfig()

@@ -1,18 +1,29 @@
-"""OpenAI request bodies (plus vLLM's sampling extras), and how they map onto engine sampling fields.
+"""OpenAI request bodies (plus vLLM's sampling extras), and how they become the engine's
+`SamplingParams`, validated here, once.
 
 Unknown fields are ignored, as OpenAI-compatible servers do (clients send newer fields freely);
-fields we know but cannot honour are refused with a 400 naming them.
+fields we know but cannot honour are refused with a 400 naming them. Sampling fields take their
+types and bounds from `SamplingParams` itself, so the API and the engine cannot disagree.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import types
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployments.errors import OpenAIError
+from engine.sampling_params import SamplingParams
 
-MAX_TOP_LOGPROBS = 20
+
+def _engine_type(name: str) -> Any:
+    """`SamplingParams.<name>`'s type with its bounds (Optional stripped: the API adds its own)."""
+    field = SamplingParams.model_fields[name]
+    base = field.annotation
+    if get_origin(base) in (Union, types.UnionType):
+        base = next(arg for arg in get_args(base) if arg is not type(None))
+    return Annotated[(base, *field.metadata)]
 
 
 class StreamOptions(BaseModel):
@@ -23,11 +34,11 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    n: int = Field(1, ge=1, le=128)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    n: _engine_type("n") = 1
+    temperature: _engine_type("temperature") | None = None
+    top_p: _engine_type("top_p") | None = None
+    presence_penalty: _engine_type("presence_penalty") | None = None
+    frequency_penalty: _engine_type("frequency_penalty") | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -35,19 +46,20 @@ class _SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM's extras
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    min_tokens: int = Field(0, ge=0)
+    top_k: _engine_type("top_k") | None = None
+    min_p: _engine_type("min_p") | None = None
+    repetition_penalty: _engine_type("repetition_penalty") | None = None
+    min_tokens: _engine_type("min_tokens") = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    priority: int = 0  # lower runs first on tiers whose scheduler policy is "priority"
 
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
-    def _sampling(self, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
+    def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         if self.logit_bias:
             raise OpenAIError(400, "logit_bias is not supported", param="logit_bias")
         if self.stream_options is not None and not self.stream:
@@ -71,13 +83,18 @@ class _SamplingFields(BaseModel):
             "skip_special_tokens": self.skip_special_tokens,
         }
         # Unset fields keep the engine's defaults (which are OpenAI's).
-        return {k: v for k, v in fields.items() if v is not None}
+        try:
+            return SamplingParams.model_validate({k: v for k, v in fields.items() if v is not None})
+        except ValidationError as err:  # what spans fields (min_tokens over max_tokens, ...)
+            first = err.errors()[0]
+            param = str(first["loc"][0]) if first["loc"] else None
+            raise OpenAIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_tokens: _engine_type("max_tokens") | None = 16
+    logprobs: _engine_type("logprobs") | None = None
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
@@ -91,7 +108,7 @@ class CompletionRequest(_SamplingFields):
             raise OpenAIError(400, "prompt is empty", param="prompt")
         return list(p)  # type: ignore[arg-type]
 
-    def sampling(self) -> dict[str, Any]:
+    def sampling(self) -> SamplingParams:
         if self.echo:
             raise OpenAIError(400, "echo is not supported", param="echo")
         if self.suffix:
@@ -127,17 +144,17 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)  # None: up to the context length
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: _engine_type("max_tokens") | None = None  # None: up to the context length
+    max_completion_tokens: _engine_type("max_tokens") | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: _engine_type("logprobs") | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
     def engine_messages(self) -> list[dict[str, str]]:
         return [m.engine_message(i) for i, m in enumerate(self.messages)]
 
-    def sampling(self) -> dict[str, Any]:
+    def sampling(self) -> SamplingParams:
         if self.tools:
             raise OpenAIError(400, "tools are not supported", param="tools")
         if self.response_format and self.response_format.get("type") not in (None, "text"):

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
+from engine.sampling_params import SamplingParams
 
 
 @dataclass
 class GenerateRequest:
+    """One prompt's request, validated once, at the router; the replica hands it to the engine.
+
+    A per-request feature (an adapter, a response format, tools) is one more field here, set by
+    the router and read by the replica.
+    """
+
     request_id: str  # the engine's request id: unique per prompt
-    sampling: dict[str, Any]  # engine.sampling.SamplingParams fields
+    params: SamplingParams
     prompt: str | list[int] | None = None  # completions
     messages: list[dict[str, str]] | None = None  # chat: rendered with the engine's chat template
     stream: bool = False  # False: the replica sends one chunk, at the end
+    priority: int = 0  # lower runs first on a tier whose scheduler policy is "priority"
 
 
 @dataclass

@@ -15,19 +15,15 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from pydantic import ValidationError
 import ray
 from ray import serve
 
-from deployments.config import TierTuning
 from deployments.tp_workers import RayRankLauncher
 from deployments.protocol import ChoiceChunk, ErrorInfo, GenerateChunk, GenerateRequest, TokenLogprob
 from deployments.replica_metrics import ReplicaMetrics
 from engine.async_engine import AsyncEngine
-from engine.checkpoint import default_model_dir
 from engine.config import EngineConfig, SchedulerConfig
 from engine.outputs import EngineDeadError, RequestError, RequestFailedError, RequestOutput
-from engine.sampling import SamplingParams
 from engine.tokenizer import ChatTemplateError
 
 log = logging.getLogger("ray.serve")
@@ -108,14 +104,9 @@ def _final(item: Any) -> bool:
 
 @serve.deployment
 class ModelReplica:
-    def __init__(self, tier: str, engine_config: dict[str, Any], engine_stall_s: float,
+    def __init__(self, tier: str, config: EngineConfig, engine_stall_s: float,
                  drain_timeout_s: float, metric_buckets: dict[str, tuple[float, ...]]) -> None:
-        # NOTE: `model: None` = the embedded default, resolved (and written if absent) here on the
-        # replica's node rather than by the builder, whose node may be another machine.
-        if engine_config.get("model") is None:
-            engine_config = {**engine_config, "model": str(default_model_dir())}
         self.tier = tier
-        config = EngineConfig.model_validate(engine_config)
         # Tensor-parallel ranks > 0 run as actors in this replica's placement group, each with
         # the share of resources its bundle holds (the same as this replica's own).
         resources = ray.get_runtime_context().get_assigned_resources()
@@ -128,7 +119,6 @@ class ModelReplica:
         self._draining = False
         self._drained = False
         self._active: set[str] = set()  # request ids between admission and their end
-        self.tuning = TierTuning()
         self._waiting_first_token: dict[str, float] = {}  # request id -> arrival (for TTFT breaches)
         # Token text for logprobs: decoded after a fixed context so a leading space survives.
         self._context_id = self.tokenizer.encode("a")[-1]
@@ -138,23 +128,18 @@ class ModelReplica:
     # ---- Serve hooks -----------------------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live tuning: the engine applies new scheduler knobs between two steps."""
-        tuning = TierTuning.model_validate(user_config)
+        tuning = SchedulerConfig.model_validate(user_config)
         self.engine.start()  # on the replica's event loop, so the knobs apply now, not at the first request
-        self.engine.reconfigure(SchedulerConfig(
-            max_num_seqs=tuning.max_num_seqs,
-            max_num_batched_tokens=tuning.max_num_batched_tokens,
-            policy=tuning.policy,
-            target_step_seconds=tuning.target_step_seconds(),
-        ))
-        self.tuning = tuning
+        self.engine.reconfigure(tuning)
         log.info("tier %s reconfigured: %s", self.tier, tuning.model_dump())
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """The queue-depth policy's signal (deployments/autoscaling.py)."""
         stats = self.engine.stats()
         breaches = 0
-        if self.tuning.ttft_target_ms is not None:
-            oldest_allowed = time.monotonic() - self.tuning.ttft_target_ms / 1000
+        target_ms = self.engine.tuning.ttft_target_ms
+        if target_ms is not None:
+            oldest_allowed = time.monotonic() - target_ms / 1000
             breaches = sum(1 for t in self._waiting_first_token.values() if t < oldest_allowed)
         return {"queue_depth": float(stats.num_waiting + stats.num_running), "ttft_breaches": float(breaches)}
 
@@ -187,22 +172,16 @@ class ModelReplica:
     def describe(self) -> dict[str, Any]:
         """What an operator (or a test) wants to see of this replica."""
         stats = self.engine.stats()
-        scheduler = self.engine.engine.scheduler
-        controller = scheduler.controller
         return {
             "tier": self.tier,
             "replica_id": serve.get_replica_context().replica_id.unique_id,
-            "tuning": self.tuning.model_dump(),
-            "scheduler": scheduler.config.model_dump(),
+            "tuning": self.engine.tuning.model_dump(),
             "num_waiting": stats.num_waiting,
             "num_running": stats.num_running,
             "kv_usage": stats.kv_usage,
             "kv_blocks_used": stats.kv_blocks_used,
             "last_step_seconds": stats.last_step_seconds,
-            "latency_fit": None if controller is None else {
-                **dict(zip(("overhead_s", "per_seq_s", "per_token_s"), controller.fit())),
-                "step_period_p90_s": controller.recent_p90(),
-            },
+            "latency_fit": self.engine.latency_fit(),
         }
 
     # ---- generation ------------------------------------------------------------------------
@@ -212,29 +191,24 @@ class ModelReplica:
             yield ErrorInfo(503, "This replica is draining; retry the request.", type="service_unavailable_error",
                             code="draining")
             return
+        params = request.params
         try:
-            params = SamplingParams.model_validate(request.sampling)
             if request.messages is not None:
-                prompt: str | list[int] = self.engine.engine.encode_chat(request.messages)
+                prompt: str | list[int] = self.engine.encode_chat(request.messages)
             else:
                 assert request.prompt is not None
                 prompt = request.prompt
-        except ValidationError as err:
-            first = err.errors()[0]
-            param = str(first["loc"][0]) if first["loc"] else None
-            yield ErrorInfo(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
-            return
         except ChatTemplateError as err:
             yield ErrorInfo(400, str(err), param="messages")
             return
         self._waiting_first_token[request.request_id] = time.monotonic()
         self._active.add(request.request_id)
-        interval = self.tuning.stream_flush_ms / 1000 if request.stream else math.inf
+        interval = self.engine.tuning.stream_flush_ms / 1000 if request.stream else math.inf
         state = _ChunkState(want_logprobs=params.logprobs is not None)
         try:
             # Closing the engine's stream (finished, failed or the client left) aborts the request.
             async with aclosing(self.metrics.track(self.engine.generate(
-                request.request_id, prompt, params, continuation=request.messages is None
+                request.request_id, prompt, params, request.priority, continuation=request.messages is None
             ), params.n)) as outputs:
                 async for batch in _coalesce(outputs, interval):
                     self._waiting_first_token.pop(request.request_id, None)

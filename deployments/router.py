@@ -5,8 +5,8 @@
     GET  /v1/models, POST /v1/...     (the configured default tier)
     GET  /<tier>/stats                (one replica's view: tuning, queue, latency fit)
 
-It validates requests, fans batch prompts out, streams SSE and formats responses; it holds no
-tensors and imports no engine code (its process never loads torch). `x-request-id` (the
+It validates requests (into the engine's `SamplingParams`, a torch-free type), fans batch prompts
+out, streams SSE and formats responses; it holds no tensors and its process never loads torch. `x-request-id` (the
 client's, else a fresh one) is set on every response by Serve's proxy; handlers add `x-tier`
 and the replica's queue time `x-queue-ms`.
 
@@ -214,8 +214,8 @@ class Router:
         sampling = body.sampling()
         prompts = body.prompts()
         response_id = f"cmpl-{uuid.uuid4().hex}"
-        requests = [GenerateRequest(f"{response_id}-{i}", sampling, prompt=p, stream=body.stream)
-                    for i, p in enumerate(prompts)]
+        requests = [GenerateRequest(f"{response_id}-{i}", sampling, prompt=p, stream=body.stream,
+                                    priority=body.priority) for i, p in enumerate(prompts)]
         builder = ResponseBuilder("completion", response_id, self.settings.served_model_name, body.n,
                                   len(prompts), body.logprobs is not None, body.include_usage)
         return await self._respond(name, self.gates[name].admit(), requests, builder, body.stream)
@@ -227,7 +227,8 @@ class Router:
         self._check_model(body.model)
         sampling = body.sampling()
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
-        requests = [GenerateRequest(response_id, sampling, messages=body.engine_messages(), stream=body.stream)]
+        requests = [GenerateRequest(response_id, sampling, messages=body.engine_messages(), stream=body.stream,
+                                    priority=body.priority)]
         builder = ResponseBuilder("chat", response_id, self.settings.served_model_name, body.n, 1,
                                   body.logprobs, body.include_usage)
         return await self._respond(name, self.gates[name].admit(), requests, builder, body.stream)

@@ -2,7 +2,7 @@
 
 The replica process is rank 0 (in the group's first bundle); rank r runs in bundle r, so a
 STRICT_PACK group keeps every rank of a replica on one node, where they join over
-127.0.0.1 (gloo on CPU, NCCL on GPUs). The engine only sees `engine.parallel.WorkerHandle`.
+127.0.0.1 (gloo on CPU, NCCL on GPUs). The engine only sees `engine.ranks.WorkerHandle`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from engine.parallel import WorkerHandle, run_worker
+from engine.ranks import WorkerHandle, run_worker
 
 
 @ray.remote

@@ -1,7 +1,23 @@
 """mixtral-serve's engine: a Mixtral LLM engine in PyTorch. Knows nothing of Ray or HTTP."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.llm import LLM, GenerationResult
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.llm import LLM, GenerationResult
 
 __all__ = ["LLM", "GenerationResult", "SamplingParams", "EngineConfig", "CacheConfig", "SchedulerConfig"]
+
+
+def __getattr__(name: str) -> Any:
+    # NOTE: the offline API loads torch and the model code; importing the package (or its
+    # torch-free configuration) must not, so the router and config tools stay light.
+    if name in ("LLM", "GenerationResult"):
+        from engine import llm
+
+        return getattr(llm, name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

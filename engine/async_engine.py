@@ -18,9 +18,9 @@ from dataclasses import dataclass, replace
 
 from engine.config import EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
-from engine.parallel import WorkerLauncher, launch_local
+from engine.ranks import WorkerLauncher, launch_local
 from engine.outputs import EngineDeadError, EngineStats, RequestFailedError, RequestOutput, StepFailedError
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +102,21 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         self._send(request_id)
 
-    def reconfigure(self, scheduler: SchedulerConfig) -> None:
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt ids of an assistant reply to `messages` (ChatTemplateError when malformed)."""
+        return self.engine.encode_chat(messages)
+
+    @property
+    def tuning(self) -> SchedulerConfig:
+        """The scheduler knobs in force (a `reconfigure` shows here once the step thread applied it)."""
+        return self.engine.config.scheduler
+
+    def reconfigure(self, tuning: SchedulerConfig) -> None:
         """New scheduler knobs, applied between steps."""
-        self._send(scheduler)
+        self._send(tuning)
+
+    def latency_fit(self) -> dict[str, float] | None:
+        return self.engine.latency_fit()
 
     def stats(self) -> EngineStats:
         stats = self._stats
@@ -153,7 +165,7 @@ class AsyncEngine:
         while not self._commands.empty():
             cmd = self._commands.get()
             if isinstance(cmd, SchedulerConfig):
-                self.engine.scheduler.reconfigure(cmd)
+                self.engine.reconfigure(cmd)
             elif isinstance(cmd, str):
                 aborted = self.engine.abort_request(cmd)
                 if aborted is not None:

@@ -1,49 +1,77 @@
-"""Typed configuration of the engine layer; the serving layer builds one and passes it down."""
+"""Typed configuration of the engine: what it loads (`EngineConfig`) and what can be tuned while it
+runs (`SchedulerConfig`). Defined once, here; the serving layer's config embeds these types.
+
+A leaf module: pydantic only, no torch, so the router and the config tooling import it for free.
+Adding a setting is one field here and its use where the engine reads it.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from engine.linear import onednn_bf16_available
-from engine.tokenizer import ChatTemplate
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, model_validator
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+ChatTemplate = Literal["mistral", "llama2-sys"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-class CacheConfig(BaseModel):
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+
+class CacheConfig(_Strict):
     block_size: int = Field(16, ge=1, le=1024)
-    # The KV pool is sized from `kv_cache_bytes` when set, else from a fraction of the memory
-    # still available after the weights are loaded.
-    kv_cache_bytes: int | None = Field(None, gt=0)
+    # The KV pool is sized from `kv_cache_bytes` when set (an int, or a size such as "32MiB"),
+    # else from a fraction of the memory still available after the weights are loaded.
+    kv_cache_bytes: Annotated[ByteSize, Field(gt=0)] | None = None
     kv_cache_fraction: float = Field(0.25, gt=0.0, le=0.95)
     enable_prefix_caching: bool = True
 
 
-class SchedulerConfig(BaseModel):
-    """The knobs a tier tunes: they trade latency against throughput."""
-
-    model_config = ConfigDict(extra="forbid")
+class SchedulerConfig(_Strict):
+    """The runtime-tunable subset: the knobs that trade latency against throughput. A serving tier's
+    `tuning` block is this type, applied live between two steps (`LLMEngine.reconfigure`)."""
 
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
     policy: Literal["fcfs", "priority"] = "fcfs"
-    # Inter-token latency target: when set, the sequence cap and token budget adapt online so
-    # the measured step period stays under it (engine/latency_controller.py); the maxima above
-    # remain upper bounds.
-    target_step_seconds: float | None = Field(None, gt=0)
+    # Inter-token latency target: when set, the sequence cap and token budget adapt online so the
+    # measured step period stays under it less the margin below (engine/latency_controller.py);
+    # the maxima above remain upper bounds.
+    itl_target_ms: float | None = Field(None, gt=0)
+    # The part of the ITL target left to whatever carries tokens after the engine (a server's
+    # hops to the client): the jitter it adds, which the engine cannot measure.
+    itl_serving_margin_ms: float = Field(0.0, ge=0)
+    # Requests still without a first token after this long count as TTFT breaches
+    # (`AsyncEngine.ttft_breaches`); a server can scale out on them.
+    ttft_target_ms: float | None = Field(None, gt=0)
+    # Streamed outputs of a request are held back and delivered together for up to this long
+    # (the first token always at once): fewer, larger messages for throughput. 0 = every step.
+    stream_flush_ms: float = Field(0.0, ge=0.0, le=1000.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SchedulerConfig":
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}) so every running sequence can decode in one step"
+            )
+        if self.itl_target_ms is not None and self.itl_serving_margin_ms >= self.itl_target_ms:
+            raise ValueError(
+                f"itl_serving_margin_ms ({self.itl_serving_margin_ms}) must be below itl_target_ms ({self.itl_target_ms})"
+            )
+        return self
+
+    @property
+    def target_step_seconds(self) -> float | None:
+        """The step period the latency controller holds, or None (fixed caps)."""
+        if self.itl_target_ms is None:
+            return None
+        return (self.itl_target_ms - self.itl_serving_margin_ms) / 1000
 
 
-class DecodeGraphConfig(BaseModel):
+class DecodeGraphConfig(_Strict):
     """CUDA graphs for decode steps (engine/decode_graphs.py), on CUDA devices."""
-
-    model_config = ConfigDict(extra="forbid")
 
     # Decode batches and contexts up to these sizes replay captured graphs; larger ones run
     # eagerly. max_batch 0 turns graphs off.
@@ -51,13 +79,14 @@ class DecodeGraphConfig(BaseModel):
     max_context: int = Field(8192, ge=1)
 
 
-class EngineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str
+class EngineConfig(_Strict):
+    # A checkpoint folder; None = the embedded tiny random-weight checkpoint (written on first use).
+    model: str | None = None
     dtype: DTypeName = "auto"
     device: str = "cpu"
     max_model_len: int | None = Field(None, ge=1)
+    # Ranks of one engine. Rank 0 schedules and samples; the others are local processes, or
+    # whatever the caller's launcher starts (Ray actors under Serve).
     tensor_parallel_size: int = Field(1, ge=1)
     # fp8 (e4m3) weights for attention and experts; router, norms, embeddings, LM head stay.
     quantization: Literal["fp8"] | None = None
@@ -77,26 +106,3 @@ class EngineConfig(BaseModel):
     scheduler: SchedulerConfig = SchedulerConfig()
     decode_graphs: DecodeGraphConfig = DecodeGraphConfig()
     load_progress: bool = True
-
-    @model_validator(mode="after")
-    def _check(self) -> "EngineConfig":
-        if self.scheduler.max_num_batched_tokens < self.scheduler.max_num_seqs:
-            raise ValueError(
-                f"scheduler.max_num_batched_tokens ({self.scheduler.max_num_batched_tokens}) must be "
-                f">= scheduler.max_num_seqs ({self.scheduler.max_num_seqs}) so every running "
-                "sequence can decode in one step"
-            )
-        return self
-
-    def torch_dtype(self, checkpoint_dtype: str | None) -> torch.dtype:
-        """`auto`: the checkpoint's dtype on GPUs; bf16 on CPUs with oneDNN bf16 kernels, else fp32.
-
-        NOTE: on CPU, plain PyTorch bf16 matrix-vector products run several times below memory
-        bandwidth, so bf16 pays only with oneDNN-reordered weights (engine/linear.py); without
-        those kernels fp32 decodes faster even though it reads twice the bytes.
-        """
-        if self.dtype != "auto":
-            return _DTYPES[self.dtype]
-        if self.device == "cpu":
-            return torch.bfloat16 if onednn_bf16_available() else torch.float32
-        return _DTYPES.get(checkpoint_dtype or "bfloat16", torch.bfloat16)

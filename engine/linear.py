@@ -2,7 +2,7 @@
 
 NOTE: on CPUs PyTorch's plain bf16 `x @ W.T` streams weights at a fraction of memory
 bandwidth, while oneDNN with its weight pre-reordered into its blocked layout streams them
-near bandwidth (see benchmarks/peers/cpu_kernels.py). Decode is bound by reading weights,
+near bandwidth (see benchmarks/torch_cpu_matmul_study.py). Decode is bound by reading weights,
 so bf16 weights on CPU are reordered once at start-up and the originals released. Where the
 project's own kernels run (`engine.cpu_kernels`: AMX or AVX512-BF16) they take the weight instead,
 with less cost per call, and read fp8 weights as they are.

@@ -5,11 +5,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.sequence import TokenLogprob
 
 
@@ -46,8 +47,15 @@ class GenerationResult:
 
 
 class LLM:
-    def __init__(self, model: str, **engine_kwargs: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=str(model), **engine_kwargs))
+    def __init__(self, model: str | Path | None = None, *, config: EngineConfig | None = None,
+                 **engine_kwargs: Any) -> None:
+        """`LLM(DIR, dtype=..., cache={...})` (EngineConfig's fields), or `LLM(config=EngineConfig(...))`.
+        No model: the embedded tiny checkpoint."""
+        if config is None:
+            config = EngineConfig(model=None if model is None else str(model), **engine_kwargs)
+        elif model is not None or engine_kwargs:
+            raise TypeError("give either config= or model and EngineConfig fields, not both")
+        self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

@@ -9,14 +9,18 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EngineConfig
+from engine.checkpoint import default_model_dir
+from engine.config import EngineConfig, SchedulerConfig
 from engine.kv_cache import BlockManager
 from engine.model_runner import StepOutput, build_runner
-from engine.parallel import TPGroup, WorkerHandle, WorkerLauncher, free_port, join_group, launch_local, stop_ranks
+from engine.parallel import TPGroup
+from engine.ranks import WorkerHandle, WorkerLauncher, free_port, join_group, launch_local, stop_ranks
 from engine.outputs import ChoiceDelta, EngineDeadError, EngineStats, RequestError, RequestOutput, StepFailedError
-from engine.sampling import SamplingParams, make_generator
+from engine.sampling import make_generator
+from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus, TokenLogprob
+from engine.stops import check_stop, choice_delta
 from engine.tokenizer import ChatMessage, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -26,6 +30,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, launcher: WorkerLauncher = launch_local) -> None:
         """`launcher` starts tensor-parallel ranks > 0 (local processes by default; the
         serving layer passes one that starts them as actors in its placement group)."""
+        if config.model is None:  # the embedded default, written on first use
+            config = config.model_copy(update={"model": str(default_model_dir())})
         self.config = config
         model_dir = Path(config.model)
         self.tokenizer = Tokenizer.from_dir(model_dir, config.chat_template)
@@ -154,6 +160,19 @@ class LLMEngine:
                 outputs.append(self._request_output(request_id, seqs, [], error=message))
         return outputs
 
+    def reconfigure(self, tuning: SchedulerConfig) -> None:
+        """Live tuning: new scheduler knobs apply from the next step; running work is left alone."""
+        self.config = self.config.model_copy(update={"scheduler": tuning})
+        self.scheduler.reconfigure(tuning)
+
+    def latency_fit(self) -> dict[str, float] | None:
+        """The fixed-latency controller's step-time model and recent p90 period; None without a target."""
+        controller = self.scheduler.controller
+        if controller is None:
+            return None
+        return {**dict(zip(("overhead_s", "per_seq_s", "per_token_s"), controller.fit())),
+                "step_period_p90_s": controller.recent_p90()}
+
     @property
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -210,8 +229,8 @@ class LLMEngine:
                 assert tok.top_logprobs is not None
                 logprob = TokenLogprob(token, tok.logprobs[row], tok.top_logprobs[row])
                 seq.logprobs.append(logprob)
-            self._check_stop(seq, token)
-            deltas.setdefault(seq.request_id, []).append(self._choice_delta(seq, token, logprob))
+            check_stop(seq, token, self.tokenizer.eos_id, min(self.max_model_len, self.kv_capacity_tokens))
+            deltas.setdefault(seq.request_id, []).append(choice_delta(seq, token, logprob))
         outputs: list[RequestOutput] = []
         for request_id, choice_deltas in deltas.items():
             seqs = self.requests[request_id]
@@ -222,57 +241,6 @@ class LLMEngine:
             if all(s.is_finished for s in seqs):
                 del self.requests[request_id]
         return outputs
-
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        params = seq.params
-        n_out = seq.num_output_tokens
-        can_stop = n_out >= params.min_tokens
-        text_before = len(seq.text)
-        if can_stop and token == self.tokenizer.eos_id and not params.ignore_eos:
-            self._finish(seq, "stop", None)
-        elif can_stop and token in params.stop_token_ids:
-            self._finish(seq, "stop", token)
-        else:
-            seq.text += seq.detokenizer.step([token])
-            if can_stop and params.stop:
-                # Only the new text (plus a stop string's length of overlap) can hold a new match.
-                window_start = max(0, text_before - max(len(s) for s in params.stop) + 1)
-                hits = [(seq.text.find(s, window_start), s) for s in params.stop]
-                hits = [(i, s) for i, s in hits if i >= 0]
-                if hits:
-                    idx, stop = min(hits)
-                    seq.text = seq.text[:idx]
-                    self._finish(seq, "stop", stop)
-        if not seq.is_finished:
-            if params.max_tokens is not None and n_out >= params.max_tokens:
-                self._finish(seq, "length", None)
-            elif seq.num_tokens >= min(self.max_model_len, self.kv_capacity_tokens):
-                # The pool bounds a sequence as the context does (`validate` only sees max_tokens):
-                # one that outgrew the whole pool would preempt itself and never be readmitted.
-                self._finish(seq, "length", None)
-
-    @staticmethod
-    def _finish(seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason
-        seq.stop_reason = stop_reason
-
-    @staticmethod
-    def _choice_delta(seq: Sequence, token: int, logprob: TokenLogprob | None) -> ChoiceDelta:
-        # NOTE: while a stop string could still be forming, hold back that many characters so
-        # a client never sees text that is later cut.
-        hold = 0 if seq.is_finished or not seq.params.stop else max(len(s) for s in seq.params.stop) - 1
-        end = max(seq.num_text_emitted, len(seq.text) - hold)
-        text = seq.text[seq.num_text_emitted : end]
-        seq.num_text_emitted = end
-        return ChoiceDelta(
-            index=seq.index,
-            token_ids=[token],
-            text=text,
-            logprobs=[logprob] if logprob else [],
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-        )
 
     def _request_output(
         self, request_id: str, seqs: list[Sequence], choices: list[ChoiceDelta], error: str | None = None

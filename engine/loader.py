@@ -7,6 +7,7 @@ the preallocated fused parameters, so peak memory stays near the final model siz
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +16,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from engine.cpu_kernels import Isa
-from engine.model import Mixtral, MoEBackend
+from engine.model import Mixtral
+from engine.moe import MoEBackend
 from engine.parallel import TPGroup, check_tp_size
 from engine.quant import dequantize_fp8, is_quantised, quantize_fp8, read_fp8_config, row_scales, split_fp8_name
 from engine.model_config import CheckpointFormat, ModelConfig, load_model_config
@@ -111,6 +113,62 @@ def _fp8_slice(
     return w8, rows
 
 
+def holds_fp8(model: Mixtral, hf_name: str) -> bool:
+    """Whether checkpoint weight `hf_name` is kept in fp8 (with `scale_slot`) rather than dequantised."""
+    return model.fp8_weights and is_quantised(hf_name)
+
+
+def scale_slot(model: Mixtral, hf_name: str) -> torch.Tensor:
+    """The per-row fp32 scales [rows] of an fp8 weight's slot (the rows `weight_slot` returns)."""
+    if not holds_fp8(model, hf_name):
+        raise KeyError(hf_name)
+    return _slot(model, hf_name, scales=True)
+
+
+def weight_slot(model: Mixtral, hf_name: str) -> torch.Tensor:
+    """The view of an engine parameter that holds (this rank's slice of) tensor `hf_name`."""
+    return _slot(model, hf_name, scales=False)
+
+
+def _slot(model: Mixtral, hf_name: str, scales: bool) -> torch.Tensor:
+    if hf_name == "model.embed_tokens.weight":
+        return model.embed
+    if hf_name == "model.norm.weight":
+        return model.norm.weight
+    if hf_name == "lm_head.weight":
+        return model.lm_head
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf_name)
+    if not m or int(m.group(1)) >= len(model.layers):
+        raise KeyError(hf_name)
+    layer, rest = model.layers[int(m.group(1))], m.group(2)
+    attn, moe = layer.attn, layer.moe
+    # A per-row scale vector is sliced exactly like its weight's rows.
+    qkv, o, w13, w2 = (
+        (attn.qkv_scale, attn.o_scale, moe.w13_scale, moe.w2_scale) if scales else (attn.qkv, attn.o, moe.w13, moe.w2)
+    )
+    assert qkv is not None and o is not None and w13 is not None and w2 is not None
+    q, kv = model.local.n_heads * model.cfg.head_dim, model.local.n_kv_heads * model.cfg.head_dim
+    inter = model.local.intermediate
+    fixed = {
+        "input_layernorm": layer.attn_norm.weight,
+        "post_attention_layernorm": layer.ffn_norm.weight,
+        "self_attn.q_proj": qkv[:q],
+        "self_attn.k_proj": qkv[q : q + kv],
+        "self_attn.v_proj": qkv[q + kv :],
+        "self_attn.o_proj": o,
+        "block_sparse_moe.gate": moe.gate,
+    }
+    if rest in fixed:
+        return fixed[rest]
+    e = re.fullmatch(r"block_sparse_moe\.experts\.(\d+)\.(w[123])", rest)
+    if not e or int(e.group(1)) >= model.cfg.num_local_experts:
+        raise KeyError(hf_name)
+    expert, which = int(e.group(1)), e.group(2)
+    if which == "w2":
+        return w2[expert]
+    return w13[expert, :inter] if which == "w1" else w13[expert, inter:]
+
+
 def load_weights(
     model: Mixtral,
     model_dir: Path,
@@ -156,7 +214,7 @@ def load_weights(
                 rows: torch.Tensor | None = None  # per-row scales [N'] of a weight kept in fp8
                 if (is_fp8 or quantization == "fp8") and is_quantised(hf_name):
                     tensor, rows = _fp8_slice(handle, where, key, shape[0], is_fp8, shard, per_channel)  # [N', K'], [N']
-                    if not model.holds_fp8(hf_name):
+                    if not holds_fp8(model, hf_name):
                         tensor, rows = dequantize_fp8(tensor, rows, torch.float32), None
                 else:
                     tensor = _read(handle, key, shard)
@@ -164,9 +222,9 @@ def load_weights(
                     heads = tensor.shape[0] // cfg.head_dim
                     tensor = permute_mistral_to_hf(tensor, heads)
                     rows = None if rows is None else permute_mistral_to_hf(rows[:, None], heads)[:, 0]
-                model.weight_slot(hf_name).copy_(tensor)
+                weight_slot(model, hf_name).copy_(tensor)
                 if rows is not None:
-                    model.scale_slot(hf_name).copy_(rows)
+                    scale_slot(model, hf_name).copy_(rows)
                 seen.add(hf_name)
     missing = [n for n in expected if n not in seen]
     if missing:

@@ -2,14 +2,12 @@
 
 Weights use the engine's fused layout: `qkv [(H + 2 KVH) hd, D]`, `w13 [E, 2I, D]` (w1 rows,
 then w3 rows) and `w2 [E, D, I]`, reduction dimension contiguous. The loader fills them
-tensor by tensor (`weight_slot`).
+tensor by tensor (`engine.loader.weight_slot`).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,38 +17,9 @@ from engine import cpu_kernels
 from engine.attention import AttentionMetadata, paged_attention, write_kv
 from engine.linear import Linear
 from engine.model_config import ModelConfig
-from engine.moe import Expert, fused_moe, make_experts, select_experts
+from engine.moe import Expert, MoEBackend, fused_moe, make_experts, select_experts
 from engine.parallel import LocalShape, TPGroup
-from engine.quant import FP8, is_quantised
-
-
-MoEBackend = Literal["torch", "triton", "cpu"]
-
-
-def resolve_moe_backend(
-    choice: Literal["auto", "torch", "triton", "cpu"], device: torch.device, isa: cpu_kernels.Isa | None,
-    cfg: ModelConfig, tp_size: int,
-) -> MoEBackend:
-    """The expert backend for `choice` ("auto": triton on GPUs, the project's CPU kernel where
-    its instruction set `isa` was resolved and every per-rank shape fits it, else torch).
-
-    NOTE: "cpu" asks the attention projections to fit the kernel too, so fp8 weights, which stay
-    fp8 on this backend, never fall to PyTorch's slow CPU fp8 matmul.
-    """
-    d, hd = cfg.hidden_size, cfg.head_dim
-    local = LocalShape.of(cfg, TPGroup(world_size=tp_size))
-    kernel_runs = isa is not None and cpu_kernels.fits_experts(d, local.intermediate) and all(
-        cpu_kernels.fits_linear(n, k) for n, k in [((local.n_heads + 2 * local.n_kv_heads) * hd, d), (d, local.n_heads * hd)]
-    )
-    if choice == "auto":
-        return "triton" if device.type == "cuda" else "cpu" if kernel_runs else "torch"
-    if choice == "cpu" and not kernel_runs:
-        raise ValueError(
-            "moe_backend 'cpu' needs the CPU kernels (cpu_kernels 'auto', 'amx' or 'avx512' on a CPU that "
-            "runs them, bf16), a hidden size and per-rank q/k/v sizes that are multiples of 64, and a "
-            "per-rank intermediate size that is a multiple of 32"
-        )
-    return choice
+from engine.quant import FP8
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -312,55 +281,3 @@ class Mixtral(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         assert self.lm_head_proj is not None, "call Mixtral.prepare() after loading"
         return self.lm_head_proj(hidden).float()  # [N, V]
-
-    def holds_fp8(self, hf_name: str) -> bool:
-        """Whether checkpoint weight `hf_name` is kept in fp8 (with `scale_slot`) rather than dequantised."""
-        return self.fp8_weights and is_quantised(hf_name)
-
-    def scale_slot(self, hf_name: str) -> torch.Tensor:
-        """The per-row fp32 scales [rows] of an fp8 weight's slot (the rows `weight_slot` returns)."""
-        if not self.holds_fp8(hf_name):
-            raise KeyError(hf_name)
-        return self._slot(hf_name, scales=True)
-
-    def weight_slot(self, hf_name: str) -> torch.Tensor:
-        """The view of an engine parameter that holds (this rank's slice of) tensor `hf_name`."""
-        return self._slot(hf_name, scales=False)
-
-    def _slot(self, hf_name: str, scales: bool) -> torch.Tensor:
-        if hf_name == "model.embed_tokens.weight":
-            return self.embed
-        if hf_name == "model.norm.weight":
-            return self.norm.weight
-        if hf_name == "lm_head.weight":
-            return self.lm_head
-        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf_name)
-        if not m or int(m.group(1)) >= len(self.layers):
-            raise KeyError(hf_name)
-        layer, rest = self.layers[int(m.group(1))], m.group(2)
-        attn, moe = layer.attn, layer.moe
-        # A per-row scale vector is sliced exactly like its weight's rows.
-        qkv, o, w13, w2 = (
-            (attn.qkv_scale, attn.o_scale, moe.w13_scale, moe.w2_scale) if scales else (attn.qkv, attn.o, moe.w13, moe.w2)
-        )
-        assert qkv is not None and o is not None and w13 is not None and w2 is not None
-        q, kv = self.local.n_heads * self.cfg.head_dim, self.local.n_kv_heads * self.cfg.head_dim
-        inter = self.local.intermediate
-        fixed = {
-            "input_layernorm": layer.attn_norm.weight,
-            "post_attention_layernorm": layer.ffn_norm.weight,
-            "self_attn.q_proj": qkv[:q],
-            "self_attn.k_proj": qkv[q : q + kv],
-            "self_attn.v_proj": qkv[q + kv :],
-            "self_attn.o_proj": o,
-            "block_sparse_moe.gate": moe.gate,
-        }
-        if rest in fixed:
-            return fixed[rest]
-        e = re.fullmatch(r"block_sparse_moe\.experts\.(\d+)\.(w[123])", rest)
-        if not e or int(e.group(1)) >= self.cfg.num_local_experts:
-            raise KeyError(hf_name)
-        expert, which = int(e.group(1)), e.group(2)
-        if which == "w2":
-            return w2[expert]
-        return w13[expert, :inter] if which == "w1" else w13[expert, inter:]

@@ -13,9 +13,11 @@ from engine.attention import AttentionMetadata, PrefillChunk
 from engine.config import DecodeGraphConfig, EngineConfig
 from engine.decode_graphs import DecodeGraphs, DecodeInputs
 from engine.host_memory import keep_freed_memory
+from engine.linear import onednn_bf16_available
 from engine.loader import load_model
 from engine.cpu_kernels import resolve_isa
-from engine.model import Mixtral, resolve_moe_backend
+from engine.model import Mixtral
+from engine.moe import resolve_moe_backend
 from engine.model_config import ModelConfig, load_model_config
 from engine.parallel import TPGroup, init_group
 from engine.sampling import Sampler, SamplerOutput, SamplingRow
@@ -225,11 +227,23 @@ class ModelRunner:
             self._forward(items)
 
 
-def checkpoint_dtype(model_dir: Path) -> str | None:
-    cfg = model_dir / "config.json"
-    if cfg.is_file():
-        return json.loads(cfg.read_text()).get("torch_dtype")
-    return None
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(config: EngineConfig, model_dir: Path) -> torch.dtype:
+    """`auto`: the checkpoint's dtype on GPUs; bf16 on CPUs with oneDNN bf16 kernels, else fp32.
+
+    NOTE: on CPU, plain PyTorch bf16 matrix-vector products run several times below memory
+    bandwidth, so bf16 pays only with oneDNN-reordered weights (engine/linear.py); without
+    those kernels fp32 decodes faster even though it reads twice the bytes.
+    """
+    if config.dtype != "auto":
+        return _DTYPES[config.dtype]
+    if torch.device(config.device).type == "cpu":
+        return torch.bfloat16 if onednn_bf16_available() else torch.float32
+    hf_config = model_dir / "config.json"
+    saved = json.loads(hf_config.read_text()).get("torch_dtype") if hf_config.is_file() else None
+    return _DTYPES.get(saved or "bfloat16", torch.bfloat16)
 
 
 def build_runner(config: EngineConfig, tp: TPGroup, eos_id: int) -> ModelRunner:
@@ -238,7 +252,7 @@ def build_runner(config: EngineConfig, tp: TPGroup, eos_id: int) -> ModelRunner:
     device = torch.device(config.device)
     if device.type == "cpu":
         keep_freed_memory()
-    dtype = config.torch_dtype(checkpoint_dtype(model_dir))
+    dtype = resolve_dtype(config, model_dir)
     isa = resolve_isa(config.cpu_kernels, device, dtype)
     moe_backend = resolve_moe_backend(
         config.moe_backend, device, isa, load_model_config(model_dir)[0], config.tensor_parallel_size

@@ -10,11 +10,44 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from engine import cpu_kernels
 from engine.linear import Linear
+from engine.model_config import ModelConfig
+from engine.parallel import LocalShape, TPGroup
+
+
+MoEBackend = Literal["torch", "triton", "cpu"]
+
+
+def resolve_moe_backend(
+    choice: Literal["auto", "torch", "triton", "cpu"], device: torch.device, isa: cpu_kernels.Isa | None,
+    cfg: ModelConfig, tp_size: int,
+) -> MoEBackend:
+    """The expert backend for `choice` ("auto": triton on GPUs, the project's CPU kernel where
+    its instruction set `isa` was resolved and every per-rank shape fits it, else torch).
+
+    NOTE: "cpu" asks the attention projections to fit the kernel too, so fp8 weights, which stay
+    fp8 on this backend, never fall to PyTorch's slow CPU fp8 matmul.
+    """
+    d, hd = cfg.hidden_size, cfg.head_dim
+    local = LocalShape.of(cfg, TPGroup(world_size=tp_size))
+    kernel_runs = isa is not None and cpu_kernels.fits_experts(d, local.intermediate) and all(
+        cpu_kernels.fits_linear(n, k) for n, k in [((local.n_heads + 2 * local.n_kv_heads) * hd, d), (d, local.n_heads * hd)]
+    )
+    if choice == "auto":
+        return "triton" if device.type == "cuda" else "cpu" if kernel_runs else "torch"
+    if choice == "cpu" and not kernel_runs:
+        raise ValueError(
+            "moe_backend 'cpu' needs the CPU kernels (cpu_kernels 'auto', 'amx' or 'avx512' on a CPU that "
+            "runs them, bf16), a hidden size and per-rank q/k/v sizes that are multiples of 64, and a "
+            "per-rank intermediate size that is a multiple of 32"
+        )
+    return choice
 
 
 def select_experts(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

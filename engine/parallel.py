@@ -1,4 +1,4 @@
-"""Tensor parallelism: the process group, the sharding rules, and the rank workers.
+"""Tensor parallelism: the process group and the sharding rules (ranks are started by engine/ranks.py).
 
 Megatron-style, as a small local transformation of the model: attention heads and every
 expert's intermediate dimension are split across ranks, everything else is replicated, and
@@ -8,22 +8,15 @@ samples; per step only the batch description is broadcast to the other ranks.
 
 from __future__ import annotations
 
-import logging
 import os
-import socket
-import threading
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from engine.model_config import ModelConfig
-from engine.outputs import EngineDeadError
 from engine.shm_channel import ShmChannel
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class TPGroup:
@@ -72,12 +65,6 @@ class TPGroup:
         return box[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_group(rank: int, world_size: int, init_method: str, device: torch.device) -> TPGroup:
     if world_size == 1:
         return TPGroup()
@@ -88,33 +75,6 @@ def init_group(rank: int, world_size: int, init_method: str, device: torch.devic
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     channel = ShmChannel.open(rank, world_size, dist.group.WORLD) if device.type == "cpu" else None
     return TPGroup(rank, world_size, dist.group.WORLD, channel)
-
-
-def join_group(workers: list["WorkerHandle"], init_method: str, device: torch.device) -> TPGroup:
-    """Rank 0's side of the rendezvous, failing fast when a rank dies before it joins.
-
-    NOTE: rank 0 would otherwise wait out the store's timeout (30 minutes) for a rank that
-    crashed while starting (a bad environment, no memory); here it polls the ranks meanwhile.
-    """
-    world_size = len(workers) + 1
-    joined: list[TPGroup | BaseException] = []
-
-    def join() -> None:
-        try:
-            joined.append(init_group(0, world_size, init_method, device))
-        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
-            joined.append(err)
-
-    thread = threading.Thread(target=join, name="tp-rendezvous", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(timeout=0.2)
-        dead = [rank for rank, w in enumerate(workers, start=1) if not w.is_alive()]
-        if dead and thread.is_alive():
-            raise EngineDeadError(f"tensor-parallel rank(s) {dead} died before joining the group")
-    if isinstance(joined[0], BaseException):
-        raise joined[0]
-    return joined[0]
 
 
 def check_tp_size(cfg: ModelConfig, tp: int) -> None:
@@ -163,63 +123,3 @@ class LocalShape:
         if hf_name.endswith("w2.weight"):
             return 1, r * self.intermediate, (r + 1) * self.intermediate
         return None
-
-
-class WorkerHandle(Protocol):
-    """A running rank > 0 (a local process, or a Ray actor the serving layer started)."""
-
-    def is_alive(self) -> bool: ...
-
-    def stop(self) -> None: ...
-
-
-class WorkerLauncher(Protocol):
-    def __call__(self, rank: int, world_size: int, init_method: str, config_json: str) -> WorkerHandle: ...
-
-
-_EXIT_GRACE_S = 5.0  # a rank told to stop exits in well under a second
-
-
-class LocalProcess:
-    def __init__(self, process: Any) -> None:
-        self.process = process
-
-    def is_alive(self) -> bool:
-        return bool(self.process.is_alive())
-
-    def stop(self) -> None:
-        # NOTE: after rank 0's stop broadcast the rank leaves on its own, and its exit releases what
-        # multiprocessing registered for it (a terminated rank left a "leaked semaphore" warning).
-        self.process.join(timeout=_EXIT_GRACE_S)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout=10)
-
-
-def stop_ranks(tp: TPGroup, workers: list[WorkerHandle]) -> None:
-    """Rank 0: ends every rank's step loop (`ModelRunner.serve_forever` stops at a None step) when
-    all still run, stops the ranks and leaves the group."""
-    if workers and all(w.is_alive() for w in workers):
-        tp.broadcast(None)
-    for worker in workers:
-        worker.stop()
-    workers.clear()
-    tp.close()
-
-
-def launch_local(rank: int, world_size: int, init_method: str, config_json: str) -> WorkerHandle:
-    """Offline use: each rank > 0 is a local process (spawned, so no forked torch state)."""
-    ctx = torch.multiprocessing.get_context("spawn")
-    process = ctx.Process(target=run_worker, args=(rank, world_size, init_method, config_json), daemon=True)
-    process.start()
-    return LocalProcess(process)
-
-
-def run_worker(rank: int, world_size: int, init_method: str, config_json: str) -> None:
-    """Entry point of a rank > 0: load this rank's shard, then run every step rank 0 announces."""
-    from engine.config import EngineConfig
-    from engine.model_runner import build_worker_runner
-
-    config = EngineConfig.model_validate_json(config_json)
-    runner = build_worker_runner(config, rank, world_size, init_method)
-    runner.serve_forever()

@@ -155,7 +155,7 @@ TensorKind = Literal["weight", "weight_scale", "input_scale"]
 def split_fp8_name(name: str) -> tuple[str, TensorKind]:
     """`X.weight_scale` / `X.qscale_weight` -> (`X.weight`, "weight_scale"); inputs alike; else (name, "weight").
 
-    The returned weight name goes through the usual Mistral -> HF mapping and `weight_slot`.
+    The returned weight name goes through the usual Mistral -> HF mapping and `engine.loader.weight_slot`.
     """
     for suffix, kind in _SCALE_SUFFIXES.items():
         if name.endswith(suffix):

@@ -1,4 +1,4 @@
-"""Sampling: per-request parameters, logits processing and token draws for a whole batch.
+"""The batched sampler: logits processing and token draws for a whole step.
 
 Each step the engine hands the sampler one [B, V] logits tensor and a `SamplingRow` per
 sequence, and gets one token per row back (plus logprobs where a row asked for them).
@@ -14,19 +14,17 @@ tensors, drawing a seeded row's noise from its own generator), never over the vo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Sequence
+from typing import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MAX_LOGPROBS = 20  # OpenAI's cap on `top_logprobs`
+from engine.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
 # NOTE: exponential_ may return exactly 0 on some backends; 0/0 would be NaN, which argmax
 # treats as the maximum, so a zero-probability token could win. Clamp the noise instead.
 _TINY = torch.finfo(torch.float32).tiny
 _SEED_MASK = (1 << 64) - 1  # torch seeds are 64-bit; fold any Python int (e.g. negative) into range
-
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
@@ -36,59 +34,6 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     faster over a 32,000-entry vocabulary (1.7 ms vs 0.6 ms for 64 rows, measured).
     """
     return x.max(dim=-1).indices
-
-class SamplingParams(BaseModel):
-    """How one request samples. Field names and semantics follow vLLM / the OpenAI API."""
-
-    # NOTE: allow_inf_nan=False: an inf temperature or NaN top_p would silently produce
-    # NaN probabilities rather than an error.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    n: int = Field(default=1, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0)  # 0 = greedy
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=-1, ge=-1)  # -1 or 0 = off
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)  # over prompt and output tokens
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)  # over output tokens
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)  # over output tokens
-    seed: int | None = None
-    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
-    max_tokens: int | None = Field(default=16, ge=1)  # None = up to the context limit
-    min_tokens: int = Field(default=0, ge=0)
-    ignore_eos: bool = False
-    # How many top logprobs to report besides the sampled token's own; None = off.
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    skip_special_tokens: bool = True
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_as_list(cls, value: Any) -> Any:
-        # The OpenAI API accepts a single string or null as well as a list.
-        if value is None:
-            return []
-        return [value] if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _check_min_tokens(self) -> "SamplingParams":
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
-            )
-        return self
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
-
-    @property
-    def has_penalties(self) -> bool:
-        return (
-            self.repetition_penalty != 1.0
-            or self.presence_penalty != 0.0
-            or self.frequency_penalty != 0.0
-        )
 
 
 @dataclass

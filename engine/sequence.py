@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer
 
 FinishReason = str  # "stop" | "length" | "abort" | "error"

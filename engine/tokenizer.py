@@ -21,7 +21,8 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 from sentencepiece import SentencePieceProcessor
 
-ChatTemplate = Literal["mistral", "llama2-sys"]
+from engine.config import ChatTemplate
+
 
 # Prompt tokens kept as decoding context in continuation mode; a handful is enough
 # for SentencePiece, whose only context effect is dropping the first piece's space.

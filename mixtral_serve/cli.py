@@ -12,27 +12,16 @@ from typing import TYPE_CHECKING
 
 from benchmarks import engine_bench, serve_bench
 from dashboards import commands as dashboard_commands
-from engine.checkpoint import DTYPES, PRESETS, default_model_dir, write_checkpoint
+from engine.checkpoint import DTYPES, PRESETS, write_checkpoint
+from mixtral_serve.engine_flags import add_engine_flags, engine_config
 
-if TYPE_CHECKING:  # heavy imports stay out of `--help`
-    from engine.config import EngineConfig
-    from engine.sampling import SamplingParams
+if TYPE_CHECKING:
+    from engine.sampling_params import SamplingParams
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint folder (default: the embedded tiny random-weight Mixtral)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
-    p.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N")
-    p.add_argument("--moe-backend", default="auto", choices=["auto", "torch", "triton", "cpu"],
-                   help="experts: the Triton fused kernel (GPU default), the CPU kernel (default where the "
-                        "CPU kernels run) or oneDNN matmuls per expert")
-    p.add_argument("--cpu-kernels", default="auto", choices=["auto", "amx", "avx512", "off"],
-                   help="instruction set of the project's CPU kernels (auto: the best this CPU runs, bf16 only)")
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks (local processes on CPU, gloo)")
-    p.add_argument("--quantization", choices=["fp8"], help="fp8 weights for attention and experts")
-    p.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache size in MiB")
-    p.add_argument("--chat-template", default="mistral", choices=["mistral", "llama2-sys"])
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    add_engine_flags(p, exclude=("seed",))  # --seed below is the request's
+    p.set_defaults(**{"cache.kv_cache_bytes": "512MiB"})
     p.add_argument("--seed", type=int)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -40,25 +29,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=-1)
 
 
-def _engine_config(args: argparse.Namespace) -> EngineConfig:
-    from engine.config import CacheConfig, EngineConfig
-
-    return EngineConfig(
-        model=str(args.model or default_model_dir()),
-        dtype=args.dtype,
-        device=args.device,
-        moe_backend=args.moe_backend,
-        cpu_kernels=args.cpu_kernels,
-        max_model_len=args.max_model_len,
-        tensor_parallel_size=args.tensor_parallel_size,
-        quantization=args.quantization,
-        chat_template=args.chat_template,
-        cache=CacheConfig(kv_cache_bytes=args.kv_cache_mb * 2**20),
-    )
-
-
 def _sampling(args: argparse.Namespace, **extra: object) -> SamplingParams:
-    from engine.sampling import SamplingParams
+    from engine.sampling_params import SamplingParams
 
     return SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
@@ -78,8 +50,7 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from engine.llm import LLM
 
-    cfg = _engine_config(args)
-    llm = LLM(**cfg.model_dump())
+    llm = LLM(config=engine_config(args))
     if args.prompt_token_ids:
         prompt: str | list[int] = [int(t) for t in args.prompt_token_ids.split(",")]
     elif args.prompt is not None:
@@ -107,7 +78,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from engine.llm_engine import LLMEngine
     from mixtral_serve.console_chat import run_chat
 
-    engine = LLMEngine(_engine_config(args))
+    engine = LLMEngine(engine_config(args))
     run_chat(engine, _sampling(args), args.system)
 
 
@@ -126,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_checkpoint)
 
     p = sub.add_parser("generate", help="complete one prompt")
-    _engine_args(p)
+    _sampling_args(p)
     p.add_argument("--prompt")
     p.add_argument("--prompt-token-ids", help="comma-separated token ids instead of --prompt")
     p.add_argument("--ignore-eos", action="store_true")
@@ -134,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive console chat")
-    _engine_args(p)
+    _sampling_args(p)
     p.add_argument("--system", help="system prompt")
     p.set_defaults(func=cmd_chat)
 

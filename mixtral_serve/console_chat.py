@@ -8,7 +8,7 @@ import time
 from typing import TextIO
 
 from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.tokenizer import ChatTemplateError
 
 HELP = "Commands: /reset clears the conversation, /quit leaves."

@@ -22,7 +22,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_runner import StepOutput, kv_bytes_per_block
 from engine.outputs import EngineDeadError, RequestError, RequestFailedError, RequestOutput
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq
 
 TINY = PRESETS["tiny"]

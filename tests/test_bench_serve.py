@@ -31,7 +31,7 @@ from engine.async_engine import AsyncEngine
 from engine.checkpoint import PRESETS, write_checkpoint
 from engine.config import EngineConfig
 from engine.outputs import RequestError
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from mixtral_serve.cli import main as cli_main
 
 MODEL = "tiny-test"

@@ -15,7 +15,8 @@ from engine import LLM, SamplingParams, cpu_kernels
 from engine.attention import AttentionMetadata, paged_attention, write_kv
 from engine.checkpoint import PRESETS
 from engine.linear import Linear
-from engine.model import Rotary, apply_rotary, resolve_moe_backend
+from engine.model import Rotary, apply_rotary
+from engine.moe import resolve_moe_backend
 from engine.model_config import ModelConfig
 from engine.moe import fused_moe, make_experts, select_experts
 from engine.quant import FP8, dequantize_fp8, quantize_fp8

@@ -19,7 +19,7 @@ from engine.decode_graphs import batch_buckets, context_buckets
 from engine.llm_engine import LLMEngine
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from tests.conftest import CheckpointFactory
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

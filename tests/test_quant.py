@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from engine.checkpoint import PRESETS, random_weights, write_checkpoint
-from engine.loader import load_model
+from engine.loader import load_model, scale_slot, weight_slot
 from engine.quant import (
     FP8,
     FP8_MAX,
@@ -172,9 +172,9 @@ def test_loader_holds_each_fp8_part_exactly(tmp_path: Path, per_channel: bool) -
     assert scales[expert + "w1.weight"].flatten()[0] != scales[expert + "w3.weight"].flatten()[0]
     for name in names:
         w8, rows = tensors[name], row_scales(scales[name], tensors[name].shape[0])  # [N, K], [N]
-        assert torch.equal(kept.weight_slot(name).view(torch.uint8), w8.view(torch.uint8))
-        assert torch.equal(kept.scale_slot(name), rows)
-        assert torch.equal(dequantised.weight_slot(name), dequantize_fp8(w8, rows))
+        assert torch.equal(weight_slot(kept, name).view(torch.uint8), w8.view(torch.uint8))
+        assert torch.equal(scale_slot(kept, name), rows)
+        assert torch.equal(weight_slot(dequantised, name), dequantize_fp8(w8, rows))
 
 
 def test_sharded_and_per_channel_fp8_checkpoint(tmp_path: Path) -> None:

@@ -8,14 +8,8 @@ import math
 import pytest
 import torch
 
-from engine.sampling import (
-    MAX_LOGPROBS,
-    Sampler,
-    SamplerOutput,
-    SamplingParams,
-    SamplingRow,
-    make_generator,
-)
+from engine.sampling import Sampler, SamplerOutput, SamplingRow, make_generator
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 sampler = Sampler()
 

@@ -242,7 +242,7 @@ def test_reconfigure_without_restart(app: App) -> None:
     queue_ms = sorted(asyncio.run(run()))
     # One sequence at a time: the last of three waits for two whole generations.
     assert queue_ms[-1] > 2 * max(queue_ms[0], 1.0), queue_ms
-    assert app.stats("latency")["scheduler"]["max_num_seqs"] == 1
+    assert app.stats("latency")["tuning"]["max_num_seqs"] == 1
     app.retune("latency", max_num_seqs=4, max_num_batched_tokens=256)
     assert app.stats("latency")["replica_id"] == before["replica_id"]
 

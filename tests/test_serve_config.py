@@ -16,6 +16,7 @@ import yaml
 from deployments.app import validate
 from deployments.autoscaling import QueueDepthPolicy
 from deployments.config import AppConfig
+from engine.config import EngineConfig
 from engine.model_config import ModelConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -39,10 +40,11 @@ def app_args(name: str) -> dict[str, Any]:
 
 
 def test_local_config_builds_three_tiers() -> None:
-    config, model, engines = validate(app_args("local.yaml"))
-    assert sorted(config.tiers) == ["fixed-latency", "latency", "throughput"]
-    assert engines["fixed-latency"].scheduler.target_step_seconds == pytest.approx(0.035)  # 50 ms - 15 ms
-    assert engines["throughput"].scheduler.max_num_seqs > engines["latency"].scheduler.max_num_seqs
+    config, model = validate(app_args("local.yaml"))
+    tiers = config.tiers
+    assert sorted(tiers) == ["fixed-latency", "latency", "throughput"]
+    assert tiers["fixed-latency"].tuning.target_step_seconds == pytest.approx(0.035)  # 50 ms - 15 ms
+    assert tiers["throughput"].tuning.max_num_seqs > tiers["latency"].tuning.max_num_seqs
     assert model.hidden_size == 128  # the embedded tiny checkpoint
     for tier in config.tiers.values():  # fractional CPUs: all tiers can scale on 2 cores
         assert tier.deployment.num_cpus * tier.autoscaling.max_replicas * 3 <= 2
@@ -59,11 +61,12 @@ def test_gpu_profiles_validate_against_the_real_shapes(tmp_path: Path, name: str
         assert tier.engine.device == "cuda" and tier.deployment.num_gpus == tier.engine.tensor_parallel_size
         assert tier.engine.max_model_len <= shape.max_position_embeddings
     assert config.tiers["fixed-latency"].tuning.itl_target_ms is not None
-    # The builder turns every tier into an engine config carrying its parallelism and fp8 choice.
-    _, _, engines = validate(args)
+    # The builder's checks pass, and every tier's engine block is the engine's own configuration.
+    validated, _ = validate(args)
     for tier_name, tier in config.tiers.items():
-        assert engines[tier_name].tensor_parallel_size == tier.engine.tensor_parallel_size
-        assert engines[tier_name].quantization == tier.engine.quantization
+        assert isinstance(validated.tiers[tier_name].engine, EngineConfig)
+        assert validated.tiers[tier_name].engine.tensor_parallel_size == tier.engine.tensor_parallel_size
+        assert validated.tiers[tier_name].engine.quantization == tier.engine.quantization
 
 
 def _local() -> dict[str, Any]:
@@ -139,5 +142,8 @@ def test_policy_reads_the_replicas_stats_through_serve_context() -> None:
 
 
 def test_router_process_never_imports_torch() -> None:
-    code = "import sys, deployments.router; assert 'torch' not in sys.modules and 'engine' not in sys.modules"
+    # Of the engine, only its torch-free leaf types (configuration, sampling parameters).
+    code = ("import sys, deployments.router; assert 'torch' not in sys.modules; "
+            "engine = sorted(m for m in sys.modules if m.split('.')[0] == 'engine'); "
+            "assert engine == ['engine', 'engine.config', 'engine.sampling_params'], engine")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=CONFIGS.parent, timeout=120)

@@ -14,7 +14,7 @@ import pytest
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.latency_controller import LatencyController
 from engine.llm_engine import LLMEngine
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 
 
 def simulate(ctl: LatencyController, step_seconds, steps: int, prompt: int = 40, output: int = 30,
@@ -124,7 +124,7 @@ def test_scheduler_obeys_the_controller(tiny_checkpoint) -> None:
     target removed by reconfigure(), the configured cap applies again."""
     engine = LLMEngine(EngineConfig(
         model=str(tiny_checkpoint), cache=CacheConfig(kv_cache_bytes=16 * 2**20), load_progress=False,
-        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, target_step_seconds=1e-6),
+        scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, itl_target_ms=1e-3),
     ))
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     for i in range(4):
@@ -134,7 +134,7 @@ def test_scheduler_obeys_the_controller(tiny_checkpoint) -> None:
         engine.step()
         peak = max(peak, len(engine.scheduler.running))
     assert peak == 1
-    engine.scheduler.reconfigure(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256))
+    engine.reconfigure(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256))
     assert engine.scheduler.controller is None
     for i in range(4):
         engine.add_request(f"s{i}", [1, 100 + i, 200 + i], params)

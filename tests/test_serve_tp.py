@@ -33,7 +33,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def served(make_checkpoint) -> Iterator[tuple[str, Path]]:
     ckpt = make_checkpoint(PRESETS["tiny"])
-    engine = {"dtype": "float32", "kv_cache_mb": 16, "max_model_len": 512}
+    engine = {"dtype": "float32", "cache": {"kv_cache_bytes": "16MiB"}, "max_model_len": 512}
     args = {
         "model": str(ckpt),
         "served_model_name": "tiny",

@@ -17,7 +17,8 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_config import ModelConfig
 from engine.outputs import EngineDeadError
-from engine.parallel import LocalProcess, LocalShape, TPGroup, check_tp_size, free_port
+from engine.parallel import LocalShape, TPGroup, check_tp_size
+from engine.ranks import LocalProcess, free_port
 from engine.shm_channel import SLOT_BYTES
 
 MQA = ModelConfig(hidden_size=96, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,

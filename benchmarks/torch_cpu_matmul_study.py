@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CPU kernel study for Mixtral decode: y = x @ W.T on the "bench" shapes.
+"""A study of PyTorch's own CPU matmul paths for Mixtral decode: y = x @ W.T on the "bench" shapes.
 
 Measures many ways of multiplying activations by weights with torch on CPU
 (plain aten, oneDNN/MKL prepacked, torch.compile/inductor, int8/int4/fp8
@@ -23,10 +23,10 @@ the output against an fp64 reference computed with the unquantised fp32 weight
 (so quantised formats show their quantisation error).
 
 Examples:
-  python benchmarks/peers/cpu_kernels.py                       # everything
-  python benchmarks/peers/cpu_kernels.py --groups linear --shapes w13 --M 1 16
-  python benchmarks/peers/cpu_kernels.py --groups overhead moe mlp
-  python benchmarks/peers/cpu_kernels.py --methods 'mkldnn*' 'linear_*' --markdown out.md
+  python benchmarks/torch_cpu_matmul_study.py                       # everything
+  python benchmarks/torch_cpu_matmul_study.py --groups linear --shapes w13 --M 1 16
+  python benchmarks/torch_cpu_matmul_study.py --groups overhead moe mlp
+  python benchmarks/torch_cpu_matmul_study.py --methods 'mkldnn*' 'linear_*' --markdown out.md
 """
 from __future__ import annotations
 

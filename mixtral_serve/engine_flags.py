@@ -1,0 +1,69 @@
+"""Command-line flags for the engine's settings, generated from `engine.config.EngineConfig`.
+
+One flag per field (`--max-model-len`, `--kv-cache-bytes 512MiB`, `--max-num-seqs`, ...): the
+cache's and the scheduler's fields by their own names, the CUDA-graph ones as
+`--decode-graphs-<field>`. Values pass to pydantic as given, so the CLI validates exactly as a
+serving config does, and a new engine setting is a new flag with no edit here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel
+
+from engine.config import EngineConfig
+
+_PREFIXED = ("decode_graphs",)  # sections whose flags carry the section name
+
+
+def _flags() -> list[tuple[str, str, Any]]:
+    """(flag, dest, annotation) for every engine setting; dest is "field" or "section.field"."""
+    flags = []
+    for name, field in EngineConfig.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            for sub, subfield in annotation.model_fields.items():
+                flag = f"{name}_{sub}" if name in _PREFIXED else sub
+                flags.append((flag, f"{name}.{sub}", subfield.annotation))
+        else:
+            flags.append((name, name, annotation))
+    return flags
+
+
+def _choices(annotation: Any) -> list[str] | None:
+    args = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    literals = [a for a in args if get_origin(a) is Literal]
+    return [str(v) for lit in literals for v in get_args(lit)] or None
+
+
+def add_engine_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    """Adds a flag for every engine setting not in `exclude` (dests as in `_flags`)."""
+    group = parser.add_argument_group("engine", "settings of engine.config.EngineConfig (README: Precision, Serving)")
+    for flag, dest, annotation in _flags():
+        if dest in exclude:
+            continue
+        option = "--" + flag.replace("_", "-")
+        default = EngineConfig.model_fields[dest.split(".")[0]].get_default(call_default_factory=True)
+        for part in dest.split(".")[1:]:
+            default = getattr(default, part)
+        help_text = f"EngineConfig default: {default}"
+        if annotation is bool:
+            group.add_argument(option, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(option, dest=dest, default=None, choices=_choices(annotation), help=help_text,
+                               metavar=None if _choices(annotation) else flag.upper())
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig of the flags given (the others keep EngineConfig's defaults)."""
+    data: dict[str, Any] = {}
+    for _, dest, _ in _flags():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        *section, name = dest.split(".")
+        (data.setdefault(section[0], {}) if section else data)[name] = value
+    return EngineConfig.model_validate(data)
