@@ -24,6 +24,7 @@ from deployments.replica_metrics import ReplicaMetrics
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, SchedulerConfig
 from engine.outputs import EngineDeadError, RequestError, RequestFailedError, RequestOutput
+from engine.ranks import RankPlacement
 from engine.tokenizer import ChatTemplateError
 
 log = logging.getLogger("ray.serve")
@@ -111,7 +112,10 @@ class ModelReplica:
         # the share of resources its bundle holds (the same as this replica's own).
         resources = ray.get_runtime_context().get_assigned_resources()
         launcher = RayRankLauncher(resources.get("CPU", 0.0), resources.get("GPU", 0.0))
-        self.engine = AsyncEngine(config, launcher=launcher)
+        # NOTE: the node's address, not loopback: a SPREAD placement puts ranks on other nodes; and
+        # Ray shows each rank only its own GPU.
+        placement = RankPlacement(host=ray.util.get_node_ip_address(), own_devices=True)
+        self.engine = AsyncEngine(config, launcher, placement)
         self.tokenizer = self.engine.tokenizer
         self.metrics = ReplicaMetrics(tier, self.engine.stats, metric_buckets)
         self.engine_stall_s = engine_stall_s

@@ -1,8 +1,8 @@
 """Tensor-parallel ranks > 0 as Ray actors in the replica's placement group.
 
-The replica process is rank 0 (in the group's first bundle); rank r runs in bundle r, so a
-STRICT_PACK group keeps every rank of a replica on one node, where they join over
-127.0.0.1 (gloo on CPU, NCCL on GPUs). The engine only sees `engine.ranks.WorkerHandle`.
+The replica process is rank 0 (in the group's first bundle); rank r runs in bundle r. The ranks
+meet at the replica's node address (gloo on CPU, NCCL on GPUs), so a SPREAD placement that puts
+them on other nodes works too. The engine only sees `engine.ranks.WorkerHandle`.
 """
 
 from __future__ import annotations

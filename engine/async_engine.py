@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from engine.config import EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
-from engine.ranks import WorkerLauncher, launch_local
+from engine.ranks import RankPlacement, WorkerLauncher, launch_local
 from engine.outputs import EngineDeadError, EngineStats, RequestFailedError, RequestOutput, StepFailedError
 from engine.sampling_params import SamplingParams
 
@@ -35,8 +35,9 @@ class _Add:
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, launcher: WorkerLauncher = launch_local) -> None:
-        self.engine = LLMEngine(config, launcher)
+    def __init__(self, config: EngineConfig, launcher: WorkerLauncher = launch_local,
+                 placement: RankPlacement = RankPlacement()) -> None:
+        self.engine = LLMEngine(config, launcher, placement)
         self.tokenizer = self.engine.tokenizer
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self._commands: queue.SimpleQueue[_Add | str | SchedulerConfig] = queue.SimpleQueue()

@@ -9,14 +9,31 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+AttentionBackend = Literal["torch", "triton", "cpu"]
 
 # (q [B, H, hd], k_cache, v_cache, slots [B, L], first [B], last [B]) -> [B, H, hd]
 DecodeKernel = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
 ]
+
+
+def resolve_attention_backend(
+    choice: Literal["auto", "torch", "triton", "cpu"], device: torch.device, cpu_kernels_run: bool
+) -> AttentionBackend:
+    """The decode-attention kernel for `choice` ("auto": triton on GPUs, the CPU kernel where the
+    project's CPU kernels run, else SDPA over gathered contexts)."""
+    if choice == "auto":
+        return "triton" if device.type == "cuda" else "cpu" if cpu_kernels_run else "torch"
+    if choice == "cpu" and not cpu_kernels_run:
+        raise ValueError("attention_backend 'cpu' needs the CPU kernels (cpu_kernels 'auto', 'amx' or 'avx512' on "
+                         "a CPU that runs them, bf16)")
+    return choice
 
 
 @dataclass
@@ -26,7 +43,9 @@ class PrefillChunk:
     start: int  # offset of the first query token in the flat batch
     num_tokens: int  # query tokens in this chunk
     context_slots: torch.Tensor  # [C] cache slots of every context position, this chunk included
-    mask: torch.Tensor | None  # [q, C] True = attend; None = plain causal over the chunk alone
+    # [q, C] True = attend, only where a sliding window cuts into the context; None: causal, over
+    # the chunk alone when it starts the sequence (C == q), else over the whole context.
+    mask: torch.Tensor | None
 
 
 @dataclass
@@ -88,16 +107,22 @@ def paged_attention(
     for chunk in meta.prefills:
         sl = slice(chunk.start, chunk.start + chunk.num_tokens)
         qs = q[sl].transpose(0, 1).unsqueeze(0)  # [1, H, q, hd]
-        if chunk.mask is None:  # no cached context: attend to the fresh K/V directly
+        context = chunk.context_slots.shape[0]
+        if context == chunk.num_tokens:  # no cached context: attend to the fresh K/V directly
             kc, vc = k[sl], v[sl]  # [q, KVH, hd]
         else:
             kc, vc = k_cache[chunk.context_slots], v_cache[chunk.context_slots]  # [C, KVH, hd]
+        # NOTE: causal over a longer context is the lower-right variant, which flash attention
+        # runs as it is (GQA included); a boolean mask would force PyTorch's math backend, an fp32
+        # [H, q, C] score matrix (8.6 GB per layer for a 2K chunk over 32K context).
+        mask = chunk.mask if chunk.mask is not None else (
+            causal_lower_right(chunk.num_tokens, context) if context > chunk.num_tokens else None)
         o = F.scaled_dot_product_attention(
             qs,
             kc.transpose(0, 1).unsqueeze(0),
             vc.transpose(0, 1).unsqueeze(0),
-            attn_mask=chunk.mask,
-            is_causal=chunk.mask is None,
+            attn_mask=mask,
+            is_causal=chunk.mask is None and context == chunk.num_tokens,
             enable_gqa=True,
         )  # [1, H, q, hd]
         out[sl] = o[0].transpose(0, 1)

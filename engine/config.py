@@ -100,6 +100,10 @@ class EngineConfig(_Strict):
     # matmuls per expert, any CPU), "triton" (the fused GPU kernel, which keeps fp8 expert weights
     # in fp8), or "auto": triton on GPUs, cpu where the CPU kernels run, else torch.
     moe_backend: Literal["auto", "torch", "triton", "cpu"] = "auto"
+    # Decode attention: "cpu" (the CPU kernel) and "triton" (the GPU kernel) read the paged cache in
+    # place; "torch" gathers each context for SDPA; "auto": triton on GPUs, cpu where the CPU
+    # kernels run, else torch.
+    attention_backend: Literal["auto", "torch", "triton", "cpu"] = "auto"
     chat_template: ChatTemplate = "mistral"
     seed: int = 0
     cache: CacheConfig = CacheConfig()

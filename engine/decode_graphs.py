@@ -14,6 +14,7 @@ to capture: the same padded static path runs eagerly, which is how its padding l
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,7 +54,11 @@ class DecodeInputs:
     positions: torch.Tensor  # [B]
     slot_mapping: torch.Tensor  # [B]
     context_slots: torch.Tensor  # [B, L]
-    mask: torch.Tensor  # [B, 1, 1, L]
+    mask: torch.Tensor  # [B, 1, 1, L] for SDPA
+    first: torch.Tensor  # [B] first visible position, for kernels that read the cache in place
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.input_ids, self.positions, self.slot_mapping, self.context_slots, self.mask, self.first
 
     def meta(self) -> AttentionMetadata:
         return AttentionMetadata(
@@ -62,6 +67,8 @@ class DecodeInputs:
             decode_slots=self.context_slots,
             decode_mask=self.mask,
             prefills=[],
+            decode_first=self.first,
+            decode_last=self.positions,
         )
 
 
@@ -74,7 +81,12 @@ class _Bucket:
 
 
 class DecodeGraphs:
-    """Static buffers and (on CUDA) one captured graph per bucket, captured on first use."""
+    """Static buffers and (on CUDA) one captured graph per bucket.
+
+    NOTE: the runner captures every bucket at start-up (`capture_all`), right after the KV cache is
+    allocated, so no request meets a capture (a warm-up, a capture, maybe a Triton compile) and the
+    graph pool's memory is taken before serving starts. A bucket missed there is captured on first use.
+    """
 
     def __init__(self, config: DecodeGraphConfig, forward: DecodeForward, block_size: int, device: torch.device) -> None:
         self.forward = forward
@@ -95,6 +107,16 @@ class DecodeGraphs:
     def captured(self) -> int:
         return sum(1 for b in self._buckets.values() if b.graph is not None)
 
+    def capture_all(self, padding_batch: Callable[[int, int], DecodeInputs]) -> None:
+        """Captures every (batch, context) bucket from an all-padding batch of its shape."""
+        t0 = time.perf_counter()
+        for batch in self.batch_sizes:
+            for length in self.context_lengths:
+                if (batch, length) not in self._buckets:
+                    self._buckets[batch, length] = self._new_bucket(padding_batch(batch, length))
+        log.info("captured %d decode graphs (batches %s, contexts %s) in %.1fs", self.captured,
+                 self.batch_sizes, self.context_lengths, time.perf_counter() - t0)
+
     def run(self, padded: DecodeInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [B, D] and routed [L, B, k] for a batch padded to one of `bucket`'s shapes."""
         key = (padded.input_ids.shape[0], padded.context_slots.shape[1])
@@ -102,10 +124,7 @@ class DecodeGraphs:
         if state is None:
             state = self._buckets[key] = self._new_bucket(padded)
         static = state.inputs
-        for dst, src in zip(
-            (static.input_ids, static.positions, static.slot_mapping, static.context_slots, static.mask),
-            (padded.input_ids, padded.positions, padded.slot_mapping, padded.context_slots, padded.mask),
-        ):
+        for dst, src in zip(static.tensors(), padded.tensors()):
             dst.copy_(src, non_blocking=True)
         if state.graph is None:
             return self.forward(static.input_ids, static.positions, static.meta())
@@ -116,11 +135,7 @@ class DecodeGraphs:
     def _new_bucket(self, example: DecodeInputs) -> _Bucket:
         # The example is a valid padded batch; its copy is the buffers' first content, so the
         # warm-up and capture runs below read real slots and write K/V the next replay rewrites.
-        inputs = DecodeInputs(
-            *(t.to(self.device, copy=True) for t in (
-                example.input_ids, example.positions, example.slot_mapping, example.context_slots, example.mask
-            ))
-        )
+        inputs = DecodeInputs(*(t.to(self.device, copy=True) for t in example.tensors()))
         state = _Bucket(inputs)
         if not self.capture:
             return state
@@ -134,5 +149,5 @@ class DecodeGraphs:
         state.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(state.graph, pool=self.pool):
             state.hidden, state.routed = self.forward(inputs.input_ids, inputs.positions, inputs.meta())
-        log.info("captured a decode graph for batch %d, context %d", *inputs.context_slots.shape)
+        log.debug("captured a decode graph for batch %d, context %d", *inputs.context_slots.shape)
         return state

@@ -17,14 +17,13 @@ fp32 accumulation and both scales are applied once, after the K loop.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from engine.quant import FP8, quantize_act_fp8
+from engine.triton_support import has_fp8_tensor_cores, interpreting
 
 # (largest batch of tokens, tile config). NOTE: small batches touch few rows per expert, so
 # they take short, wide tiles (BLOCK_M 16) and stream weights; large batches take square tiles and
@@ -38,9 +37,27 @@ _TILE_TABLE: list[tuple[int, dict[str, int]]] = [
 ]
 
 
+# Shared memory a tile's pipeline may take: A100's 164 KiB and Hopper's 227 KiB per block, less
+# room for the epilogue.
+SMEM_BUDGET = 160 * 1024
+# Rows of the [T*k, I] activation computed at once: bounds its fp32 temporaries (~3 x rows x I x 4
+# bytes) to ~700 MB at Mixtral-8x22B's I = 16384, whatever the batch.
+_ACT_ROWS = 4096
+
+
 def tile_config(num_tokens: int) -> dict[str, int]:
     """The tile sizes for a batch of `num_tokens` tokens (first bucket that holds it)."""
     return next(dict(cfg) for limit, cfg in _TILE_TABLE if num_tokens <= limit)
+
+
+def pipeline_stages(cfg: dict[str, int], a_bytes: int, b_bytes: int) -> int:
+    """`cfg`'s stages, fewer where its A and B tiles (as loaded) would overflow SMEM_BUDGET.
+
+    NOTE: each stage holds one [BM, BK] tile of A and one [BK, BN] tile of B; fp32 activations
+    (fp32 engines) double A's share, and 128x128x64 with 4 stages would need 256 KiB.
+    """
+    per_stage = cfg["BLOCK_K"] * (cfg["BLOCK_M"] * a_bytes + cfg["BLOCK_N"] * b_bytes)
+    return max(1, min(cfg["num_stages"], SMEM_BUDGET // per_stage))
 
 
 def moe_align_block_size(
@@ -55,11 +72,13 @@ def moe_align_block_size(
       expert_ids [P / block_m] int32: the expert of each row tile;
       num_padded [1] int32: how many entries of sorted_ids are in use (the rest are never read).
     NOTE: P is the worst case T*k + E*(block_m - 1) so nothing here waits for the GPU (no .item()):
-    tiles past `num_padded` exit at once in the kernel.
+    tiles past `num_padded` exit at once in the kernel. Counts come from scatter_add_, not bincount,
+    whose CUDA version reads min/max back to the host (illegal inside a CUDA-graph capture).
     """
     num_pairs = topk_ids.numel()
     flat = topk_ids.reshape(-1).to(torch.int64)  # [T*k]
-    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))  # [E]
     padded = (counts + block_m - 1) // block_m * block_m  # [E]
     padded_end = torch.cumsum(padded, 0)  # [E]
     padded_start = padded_end - padded  # [E]
@@ -148,15 +167,6 @@ def _grouped_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _has_fp8_dot(device: torch.device) -> bool:
-    # fp8 tensor cores: compute capability 8.9 (Ada) and 9.0 (Hopper) onwards; the interpreter emulates them.
-    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
-
-
 def _expert_scale(scale: torch.Tensor, num_experts: int, n: int) -> torch.Tensor:
     """[] / [E] / [E, N] weight scale as an [E, N] fp32 view (stride 0 where it is shared)."""
     if scale.ndim == 2:
@@ -181,7 +191,7 @@ def _grouped_gemm(
     # NOTE: the interpreter holds bf16 as raw uint16 (its tl.dot is wrong) and runs fp16 dots in
     # numpy without BLAS, so there every dot except fp32 x fp32 and fp8 x fp8 runs in fp32: the
     # same products (exact in fp32) and the same fp32 accumulation as the GPU.
-    upcast = _interpreting() and not (a.dtype == b.dtype and a.dtype in (torch.float32, FP8))
+    upcast = interpreting() and not (a.dtype == b.dtype and a.dtype in (torch.float32, FP8))
     # fp32 activations get IEEE fp32 dots (as torch.matmul), not TF32.
     precision = "ieee" if upcast or a.dtype == torch.float32 else "tf32"
     tiles = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
@@ -208,9 +218,35 @@ def _grouped_gemm(
         INPUT_PRECISION=precision,
         MUL_ROUTED_WEIGHT=topk_weights is not None,
         num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        num_stages=pipeline_stages(cfg, a.element_size(), b.element_size()),
         **tiles,
     )
+
+
+def _silu_and_mul(
+    h: torch.Tensor,  # [R, 2I] gate rows' outputs, then up rows' outputs
+    static_scale: torch.Tensor | None,
+    quantize: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """silu(gate) * up in fp32, then fp8 per row (or the static scale) or h's dtype -> [R, I], [R, 1] | None.
+
+    Row blocks of _ACT_ROWS keep the fp32 temporaries bounded; every step is row-local, so the
+    result is the same as in one piece.
+    """
+    rows, inter = h.shape[0], h.shape[1] // 2
+    out = torch.empty(rows, inter, dtype=FP8 if quantize else h.dtype, device=h.device)  # [R, I]
+    scales = torch.empty(rows, 1, dtype=torch.float32, device=h.device) if quantize else None  # [R, 1]
+    for start in range(0, rows, _ACT_ROWS):
+        part = h[start : start + _ACT_ROWS]
+        act = F.silu(part[:, :inter].float()) * part[:, inter:].float()  # [r, I] fp32
+        if not quantize:
+            out[start : start + _ACT_ROWS] = act
+            continue
+        act8, scale = quantize_act_fp8(act, static_scale)  # [r, I] fp8, [r, 1] (or the static scalar)
+        out[start : start + _ACT_ROWS] = act8
+        if scales is not None:
+            scales[start : start + _ACT_ROWS] = scale
+    return out, scales
 
 
 def fused_moe_triton(
@@ -238,7 +274,7 @@ def fused_moe_triton(
     if (w13_scale is None) != (w2_scale is None):
         raise ValueError("give both w13_scale and w2_scale (fp8 weights) or neither")
     if quantize_activations is None:
-        quantize_activations = _has_fp8_dot(x.device)
+        quantize_activations = has_fp8_tensor_cores(x.device)
     fp8_acts = w13_scale is not None and quantize_activations
     cfg = config or tile_config(num_tokens)
     routing = moe_align_block_size(topk_ids, cfg["BLOCK_M"], num_experts)
@@ -247,10 +283,7 @@ def fused_moe_triton(
     a1, a1_scale = quantize_act_fp8(x, a13_scale) if fp8_acts else (x, None)  # [T, D], [T, 1]
     h = torch.empty(num_tokens * top_k, two_inter, dtype=x.dtype, device=x.device)  # [T*k, 2I]
     _grouped_gemm(a1, w13, h, a1_scale, w13_scale, None, routing, top_k, cfg)
-    inter = two_inter // 2
-    act = F.silu(h[:, :inter].float()) * h[:, inter:].float()  # [T*k, I] fp32, quantised or cast once
-
-    a2, a2_row_scale = quantize_act_fp8(act, a2_scale) if fp8_acts else (act.to(x.dtype), None)  # [T*k, I]
+    a2, a2_row_scale = _silu_and_mul(h, a2_scale if fp8_acts else None, fp8_acts)  # [T*k, I], [T*k, 1]
     out = torch.empty(num_tokens * top_k, w2.shape[1], dtype=x.dtype, device=x.device)  # [T*k, D]
     _grouped_gemm(a2, w2, out, a2_row_scale, w2_scale, pairs_weight, routing, 1, cfg)
     return out.view(num_tokens, top_k, -1).sum(dim=1)  # [T, D]

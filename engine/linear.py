@@ -14,6 +14,7 @@ import torch
 
 from engine import cpu_kernels
 from engine.quant import FP8, quantize_act_fp8
+from engine.triton_support import has_fp8_tensor_cores
 
 # Batch-size hint for oneDNN's reorder: decode steps run a few to a few tens of rows.
 _ONEDNN_BATCH_HINT = 16
@@ -21,6 +22,17 @@ _ONEDNN_BATCH_HINT = 16
 
 def onednn_bf16_available() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def check_scaled_mm(device: torch.device) -> None:
+    """Raises a clear error where `torch._scaled_mm` cannot run an fp8 weight (checked at load, not
+    at the first request): on GPUs it needs fp8 tensor cores, compute capability 8.9 or newer."""
+    if device.type == "cuda" and not has_fp8_tensor_cores(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(
+            f"fp8 weights on {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}): "
+            "torch._scaled_mm needs 8.9 or newer (Ada, Hopper); serve this GPU without quantization='fp8'"
+        )
 
 
 class Linear:
@@ -45,6 +57,8 @@ class Linear:
         self.kernel: cpu_kernels.CpuLinear | None = None
         self.weight = weight
         self.scale = None if scale is None else scale.float().view(1, -1)  # [1, N]
+        if weight.dtype == FP8 and not (isa is not None and weight.device.type == "cpu"):
+            check_scaled_mm(weight.device)
         if isa is not None and weight.device.type == "cpu" and cpu_kernels.fits_linear(*weight.shape):
             self.kernel = cpu_kernels.CpuLinear(isa, weight, scale)
             self.weight = weight.new_empty(0)  # the packed copy is the only one kept
@@ -67,7 +81,10 @@ class Linear:
             return x @ self.weight.t()  # [M, N]
         x8, x_scale = quantize_act_fp8(x)  # [M, K] fp8, [M, 1]
         # The weight's transpose is column-major, the layout the fp8 GEMM wants for its second operand.
-        return torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=self.scale, out_dtype=x.dtype)  # [M, N]
+        # NOTE: on GPUs, with row-wise scales, the GEMM writes bf16 only; fp16 and fp32 engines cast after.
+        out_dtype = x.dtype if x.device.type == "cpu" else torch.bfloat16
+        y = torch._scaled_mm(x8, self.weight.t(), scale_a=x_scale, scale_b=self.scale, out_dtype=out_dtype)
+        return y.to(x.dtype)  # [M, N]
 
     def _packed(self, x: torch.Tensor) -> torch.Tensor:
         assert self.packed is not None

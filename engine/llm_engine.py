@@ -13,8 +13,7 @@ from engine.checkpoint import default_model_dir
 from engine.config import EngineConfig, SchedulerConfig
 from engine.kv_cache import BlockManager
 from engine.model_runner import StepOutput, build_runner
-from engine.parallel import TPGroup
-from engine.ranks import WorkerHandle, WorkerLauncher, free_port, join_group, launch_local, stop_ranks
+from engine.ranks import RankPlacement, WorkerLauncher, launch_local, start_ranks, stop_ranks
 from engine.outputs import ChoiceDelta, EngineDeadError, EngineStats, RequestError, RequestOutput, StepFailedError
 from engine.sampling import make_generator
 from engine.sampling_params import SamplingParams
@@ -27,9 +26,11 @@ log = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, launcher: WorkerLauncher = launch_local) -> None:
+    def __init__(self, config: EngineConfig, launcher: WorkerLauncher = launch_local,
+                 placement: RankPlacement = RankPlacement()) -> None:
         """`launcher` starts tensor-parallel ranks > 0 (local processes by default; the
-        serving layer passes one that starts them as actors in its placement group)."""
+        serving layer passes one that starts them as actors in its placement group, and where
+        they run)."""
         if config.model is None:  # the embedded default, written on first use
             config = config.model_copy(update={"model": str(default_model_dir())})
         self.config = config
@@ -38,13 +39,7 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         t0 = time.perf_counter()
         world = config.tensor_parallel_size
-        self.workers: list[WorkerHandle] = []
-        tp = TPGroup()
-        if world > 1:
-            init_method = f"tcp://127.0.0.1:{free_port()}"
-            cfg_json = config.model_dump_json()
-            self.workers = [launcher(rank, world, init_method, cfg_json) for rank in range(1, world)]
-            tp = join_group(self.workers, init_method, torch.device(config.device))
+        tp, self.workers = start_ranks(config, launcher, placement)
         self.runner = build_runner(config, tp, self.tokenizer.eos_id)
         # NOTE: also when the engine is collected or the interpreter exits, where multiprocessing
         # would otherwise kill local ranks mid-loop; it holds the group and handles, not the model.
@@ -66,7 +61,6 @@ class LLMEngine:
         self._steps = 0
         self._last_step = 0.0
         self._last_batch = (0, 0)
-        self._expert_tokens = torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long)
 
     # ---- requests ------------------------------------------------------------------------
     @property
@@ -213,7 +207,6 @@ class LLMEngine:
         self._steps += 1
         self._last_step = time.perf_counter() - t0
         self._last_batch = (sum(s.num_new_tokens for s in batch), len(batch))
-        self._expert_tokens += result.expert_counts
         return outputs
 
     def _process(self, result: StepOutput) -> list[RequestOutput]:
@@ -274,5 +267,5 @@ class LLMEngine:
             last_step_seconds=self._last_step,
             last_batch_tokens=self._last_batch[0],
             last_batch_seqs=self._last_batch[1],
-            expert_tokens=self._expert_tokens.tolist(),
+            expert_tokens=self.runner.expert_counts.view(self.model_config.num_hidden_layers, -1).tolist(),
         )

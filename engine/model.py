@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import cpu_kernels
-from engine.attention import AttentionMetadata, paged_attention, write_kv
+from engine.attention import AttentionBackend, AttentionMetadata, DecodeKernel, paged_attention, write_kv
 from engine.linear import Linear
 from engine.model_config import ModelConfig
 from engine.moe import Expert, MoEBackend, fused_moe, make_experts, select_experts
@@ -105,15 +105,19 @@ class Attention(nn.Module):
         self.o_scale = _param(cfg.hidden_size, dtype=torch.float32) if fp8 else None
         self.qkv_proj: Linear | None = None  # set by `Mixtral.prepare`
         self.o_proj: Linear | None = None
-        self.decode_kernel: cpu_kernels.DecodeAttention | None = None
+        self.decode_kernel: DecodeKernel | None = None  # None: SDPA over gathered contexts
         self.rope_kernel: cpu_kernels.RopeAndCache | None = None
 
-    def prepare(self, isa: cpu_kernels.Isa | None) -> None:
+    def prepare(self, isa: cpu_kernels.Isa | None, attention: AttentionBackend) -> None:
         self.qkv_proj, self.o_proj = _prepared(self.qkv, self.qkv_scale, isa), _prepared(self.o, self.o_scale, isa)
         if isa is not None:
             self.rope_kernel = cpu_kernels.RopeAndCache(isa, self.n_heads, self.n_kv, self.hd)
-            if cpu_kernels.fits_attention(self.n_heads, self.n_kv, self.hd):
-                self.decode_kernel = cpu_kernels.DecodeAttention(isa, self.n_heads, self.n_kv, self.hd)
+        if attention == "cpu" and isa is not None and cpu_kernels.fits_attention(self.n_heads, self.n_kv, self.hd):
+            self.decode_kernel = cpu_kernels.DecodeAttention(isa, self.n_heads, self.n_kv, self.hd)
+        elif attention == "triton":
+            from engine.paged_attention_triton import paged_decode_attention  # GPU-only dependency, imported on use
+
+            self.decode_kernel = paged_decode_attention
 
     def forward(
         self,
@@ -242,12 +246,13 @@ class Mixtral(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, dtype)
         self.lm_head_proj: Linear | None = None
 
-    def prepare(self) -> "Mixtral":
-        """Puts loaded weights into their inference layouts; the model runs only after this."""
+    def prepare(self, attention: AttentionBackend = "torch") -> "Mixtral":
+        """Puts loaded weights into their inference layouts and picks the decode-attention kernel
+        (`resolve_attention_backend`); the model runs only after this."""
         isa = self.cpu_isa
         for layer in self.layers:
             layer.attn_norm.prepare(isa)
-            layer.attn.prepare(isa)
+            layer.attn.prepare(isa, attention)
             layer.ffn_norm.prepare(isa)
             layer.moe.prepare(isa)
         self.norm.prepare(isa)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from engine.attention import AttentionMetadata, PrefillChunk
+from engine.attention import AttentionMetadata, PrefillChunk, resolve_attention_backend
 from engine.config import DecodeGraphConfig, EngineConfig
 from engine.decode_graphs import DecodeGraphs, DecodeInputs
 from engine.host_memory import keep_freed_memory
@@ -58,7 +58,6 @@ class StepItem:
 class StepOutput:
     sampled: list[ScheduledSeq]  # the items that produced a token, in `tokens` order
     tokens: SamplerOutput
-    expert_counts: torch.Tensor  # [L, E] tokens routed to each expert this step
 
 
 class ModelRunner:
@@ -91,7 +90,23 @@ class ModelRunner:
         )
         self.sampler = Sampler()
         self._block_offsets = torch.arange(block_size, device=device)  # [bs]
+        # Tokens routed to each expert since start, counted on the device: reading them is the
+        # stats' business, not the step's (a read would wait for the GPU mid-step).
+        self.expert_counts = torch.zeros(cfg.num_hidden_layers * cfg.num_local_experts, dtype=torch.long,
+                                         device=device)  # [L * E]
+        self._expert_offsets = torch.arange(cfg.num_hidden_layers, device=device).view(-1, 1, 1) * cfg.num_local_experts
         self.graphs = None if graphs is None else DecodeGraphs(graphs, self._decode_forward, block_size, device)
+
+    def _tensor(self, data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """Host data on the device; on GPUs through pinned memory, so the copy does not block the host."""
+        if self.device.type == "cpu":
+            return torch.tensor(data, dtype=dtype)
+        return torch.tensor(data, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+
+    def capture_graphs(self) -> None:
+        """Captures every decode bucket now (start-up), not on first use while serving."""
+        if self.graphs is not None and self.graphs.capture:
+            self.graphs.capture_all(lambda batch, length: self._decode_inputs([], batch, length))
 
     def _slots(self, block_table: torch.Tensor, length: int) -> torch.Tensor:
         """Cache slots of positions [0, length) for one block table [nb] (or a batch [B, nb])."""
@@ -110,41 +125,29 @@ class ModelRunner:
         """Flat batch tensors for `items`, which list decodes first."""
         ids = [t for item in items for t in item.token_ids]
         pos = [p for item in items for p in range(item.start, item.start + len(item.token_ids))]
-        dev = self.device
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)  # [T]
-        positions = torch.tensor(pos, dtype=torch.long, device=dev)  # [T]
+        input_ids = self._tensor(ids)  # [T]
+        positions = self._tensor(pos)  # [T]
         decodes = [item for item in items if item.is_decode]
         slot_parts: list[torch.Tensor] = []
-        decode_slots = decode_mask = None
-        decode_first = decode_last = None
+        decode = None
         if decodes:
-            d = self._decode_inputs(decodes, len(decodes), max(item.start for item in decodes) + 1)
-            decode_slots, decode_mask = d.context_slots, d.mask
-            decode_last = d.positions  # [B]
-            window = self.cfg.sliding_window
-            decode_first = torch.zeros_like(d.positions) if window is None else (d.positions - window + 1).clamp_(min=0)
-            slot_parts.append(d.slot_mapping)
+            decode = self._decode_inputs(decodes, len(decodes), max(item.start for item in decodes) + 1)
+            slot_parts.append(decode.slot_mapping)
         chunks: list[PrefillChunk] = []
         offset = len(decodes)
+        window = self.cfg.sliding_window
         for item in items[len(decodes) :]:
             start, n = item.start, len(item.token_ids)
-            table = torch.tensor(item.block_table, device=dev)  # [nb]
-            ctx_slots = self._slots(table, start + n)  # [C]
+            ctx_slots = self._slots(self._tensor(item.block_table), start + n)  # [C]
             slot_parts.append(ctx_slots[start:])
-            window = self.cfg.sliding_window
-            plain = start == 0 and (window is None or n <= window)
-            mask = None if plain else self._window_mask(positions[offset : offset + n], start + n)  # [q, C]
+            # Causal over the context (lower right) needs no mask; only a window that cuts into it does.
+            windowed = window is not None and start + n > window
+            mask = self._window_mask(positions[offset : offset + n], start + n) if windowed else None  # [q, C]
             chunks.append(PrefillChunk(offset, n, ctx_slots, mask))
             offset += n
-        meta = AttentionMetadata(
-            slot_mapping=torch.cat(slot_parts),
-            num_decode=len(decodes),
-            decode_slots=decode_slots,
-            decode_mask=decode_mask,
-            prefills=chunks,
-            decode_first=decode_first,
-            decode_last=decode_last,
-        )
+        meta = decode.meta() if decode is not None else AttentionMetadata(torch.empty(0), 0, None, None, [])
+        meta.slot_mapping = torch.cat(slot_parts)
+        meta.prefills = chunks
         return input_ids, positions, meta
 
     def _decode_inputs(self, decodes: list[StepItem], batch: int, length: int) -> DecodeInputs:
@@ -153,20 +156,21 @@ class ModelRunner:
         Padding rows (token 0 at position 0) see and write only the pad block's first slot; padded
         context positions point into the pad block and are masked out.
         """
-        dev, pad, n = self.device, self.pad_block, len(decodes)
+        pad, n = self.pad_block, len(decodes)
         width = -(-length // self.block_size)
-        tables = torch.tensor(  # [B, nb]
-            [d.block_table[:width] + [pad] * (width - len(d.block_table)) for d in decodes] + [[pad] * width] * (batch - n),
-            device=dev,
+        tables = self._tensor(  # [B, nb]
+            [d.block_table[:width] + [pad] * (width - len(d.block_table)) for d in decodes] + [[pad] * width] * (batch - n)
         )
-        positions = torch.tensor([d.start for d in decodes] + [0] * (batch - n), device=dev)  # [B]
+        positions = self._tensor([d.start for d in decodes] + [0] * (batch - n))  # [B]
         context_slots = self._slots(tables, length)  # [B, L]
+        window = self.cfg.sliding_window
         return DecodeInputs(
-            input_ids=torch.tensor([d.token_ids[0] for d in decodes] + [0] * (batch - n), device=dev),  # [B]
+            input_ids=self._tensor([d.token_ids[0] for d in decodes] + [0] * (batch - n)),  # [B]
             positions=positions,
             slot_mapping=context_slots.gather(1, positions[:, None]).squeeze(1),  # [B]
             context_slots=context_slots,
             mask=self._window_mask(positions, length)[:, None, None, :],  # [B, 1, 1, L]
+            first=torch.zeros_like(positions) if window is None else (positions - window + 1).clamp(min=0),  # [B]
         )
 
     def _decode_forward(
@@ -174,7 +178,8 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(input_ids, positions, self.kv_caches, meta)
 
-    def _forward(self, items: list[StepItem]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, items: list[StepItem]) -> torch.Tensor:
+        """Hidden states [T, D] of the step's tokens; counts their experts on the device."""
         graphs, bucket = self.graphs, None
         if graphs is not None and all(item.is_decode for item in items):
             bucket = graphs.bucket(len(items), max(item.start for item in items) + 1)
@@ -185,10 +190,9 @@ class ModelRunner:
         else:
             input_ids, positions, meta = self._build(items)
             hidden, routed = self.model(input_ids, positions, self.kv_caches, meta)  # [T, D], [L, T, k]
-        n_layers, n_experts = self.cfg.num_hidden_layers, self.cfg.num_local_experts
-        offsets = torch.arange(n_layers, device=self.device).view(-1, 1, 1) * n_experts  # [L, 1, 1]
-        counts = torch.bincount((routed + offsets).flatten(), minlength=n_layers * n_experts)  # [L * E]
-        return hidden, counts.view(n_layers, n_experts).cpu()
+        flat = (routed + self._expert_offsets).flatten()  # [L * T * k] layer-major expert ids
+        self.expert_counts.scatter_add_(0, flat, torch.ones_like(flat))  # no bincount: no host sync
+        return hidden
 
     def execute(self, batch: list[ScheduledSeq]) -> StepOutput:
         """Runs one step on every rank; reorders `batch` in place (decodes first)."""
@@ -203,11 +207,14 @@ class ModelRunner:
         order = sorted(range(len(batch)), key=lambda i: not items[i].is_decode)  # stable: decodes first
         batch[:] = [batch[i] for i in order]
         items = self.tp.broadcast([items[i] for i in order])
-        hidden, counts = self._forward(items)
-        ends = torch.tensor([s.num_new_tokens for s in batch], device=self.device).cumsum(0) - 1  # [N]
-        sampled = [s for s in batch if s.samples]
-        keep = torch.tensor([s.samples for s in batch], device=self.device)  # [N]
-        logits = self.model.logits(hidden[ends[keep]])  # [B, V]
+        hidden = self._forward(items)
+        sampled, rows_at, end = [], [], -1
+        for s in batch:  # the last row of each item that samples, found on the host (no mask indexing)
+            end += s.num_new_tokens
+            if s.samples:
+                sampled.append(s)
+                rows_at.append(end)
+        logits = self.model.logits(hidden[self._tensor(rows_at)])  # [B, V]
         rows = [
             SamplingRow(
                 params=s.seq.params,
@@ -219,7 +226,7 @@ class ModelRunner:
             for s in sampled
         ]
         tokens = self.sampler(logits, rows) if rows else SamplerOutput([], None, None)
-        return StepOutput(sampled, tokens, counts)
+        return StepOutput(sampled, tokens)
 
     def serve_forever(self) -> None:
         """Ranks > 0: run each step rank 0 broadcasts, until it broadcasts None."""
@@ -249,7 +256,7 @@ def resolve_dtype(config: EngineConfig, model_dir: Path) -> torch.dtype:
 def build_runner(config: EngineConfig, tp: TPGroup, eos_id: int) -> ModelRunner:
     """Loads this rank's model and a KV pool sized from the memory budget (the same on every rank)."""
     model_dir = Path(config.model)
-    device = torch.device(config.device)
+    device = tp.device  # this rank's (engine/parallel.py: rank_device)
     if device.type == "cpu":
         keep_freed_memory()
     dtype = resolve_dtype(config, model_dir)
@@ -268,7 +275,7 @@ def build_runner(config: EngineConfig, tp: TPGroup, eos_id: int) -> ModelRunner:
             moe_backend,
             isa,
         )
-        model.prepare()
+        model.prepare(resolve_attention_backend(config.attention_backend, device, isa is not None))
     block_size = config.cache.block_size
     per_block = kv_bytes_per_block(cfg, model.local.n_kv_heads, block_size, dtype)
     budget = config.cache.kv_cache_bytes or int(available_memory(device) * config.cache.kv_cache_fraction)
@@ -281,7 +288,9 @@ def build_runner(config: EngineConfig, tp: TPGroup, eos_id: int) -> ModelRunner:
     # NOTE: only the Triton MoE can be captured: the torch path reads expert counts on the host.
     capturable = device.type == "cuda" and moe_backend == "triton"
     graphs = config.decode_graphs if config.decode_graphs.max_batch and capturable else None
-    return ModelRunner(model, num_blocks, block_size, device, eos_id, graphs)
+    runner = ModelRunner(model, num_blocks, block_size, device, eos_id, graphs)
+    runner.capture_graphs()  # every rank, in the same order: captured steps hold their collectives
+    return runner
 
 
 def build_worker_runner(config: EngineConfig, rank: int, world_size: int, init_method: str) -> ModelRunner:

@@ -30,6 +30,8 @@ class TPGroup:
     world_size: int = 1
     group: Any = field(default=None, repr=False)
     channel: ShmChannel | None = field(default=None, repr=False)
+    # This rank's device: every collective's tensors live here (NCCL has no CPU tensors).
+    device: torch.device = torch.device("cpu")
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1 and not (self.channel is not None and self.channel.all_reduce(x)):
@@ -40,7 +42,7 @@ class TPGroup:
         """The smallest of every rank's `value` (e.g. KV blocks that fit on every rank)."""
         if self.world_size == 1:
             return value
-        t = torch.tensor([value], dtype=torch.long)
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return int(t.item())
 
@@ -65,16 +67,35 @@ class TPGroup:
         return box[0]
 
 
+def rank_device(device: str, rank: int, own_devices: bool) -> torch.device:
+    """The device of tensor-parallel `rank` for an engine configured with `device`.
+
+    Ranks that see only their own GPU (`own_devices`: Ray sets each actor's CUDA_VISIBLE_DEVICES)
+    all use the configured device; local ranks share the host's GPUs, so rank r takes the r-th
+    GPU after the configured one (`cuda` = `cuda:0`). CPUs are shared by every rank.
+    """
+    d = torch.device(device)
+    if d.type != "cuda" or own_devices:
+        return d
+    return torch.device("cuda", (d.index or 0) + rank)
+
+
 def init_group(rank: int, world_size: int, init_method: str, device: torch.device) -> TPGroup:
+    """Joins the group (world_size > 1) on `device`, this rank's (see `rank_device`)."""
+    if device.type == "cuda":
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"tensor-parallel rank {rank} needs {device} but {torch.cuda.device_count()} "
+                             "GPU(s) are visible")
+        torch.cuda.set_device(device)  # NCCL and every later allocation use this rank's GPU
     if world_size == 1:
-        return TPGroup()
+        return TPGroup(device=device)
     if device.type == "cpu":
         # NOTE: ranks share the host's cores; one rank per core set avoids oversubscription.
         torch.set_num_threads(max(1, (os.cpu_count() or world_size) // world_size))
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     channel = ShmChannel.open(rank, world_size, dist.group.WORLD) if device.type == "cpu" else None
-    return TPGroup(rank, world_size, dist.group.WORLD, channel)
+    return TPGroup(rank, world_size, dist.group.WORLD, channel, device)
 
 
 def check_tp_size(cfg: ModelConfig, tp: int) -> None:

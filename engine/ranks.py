@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -17,13 +18,40 @@ import torch
 from engine.config import EngineConfig
 from engine.model_runner import build_worker_runner
 from engine.outputs import EngineDeadError
-from engine.parallel import TPGroup, init_group
+from engine.parallel import TPGroup, init_group, rank_device
 
 
-def free_port() -> int:
+@dataclass(frozen=True)
+class RankPlacement:
+    """Where a launcher's ranks run, as rank 0 must know it to meet them."""
+
+    # The address the ranks reach rank 0's rendezvous at: loopback for local processes, the node's
+    # address when a launcher may place ranks on other nodes.
+    host: str = "127.0.0.1"
+    # Each rank sees only its own GPU (as Ray's actors do); else local ranks share the host's GPUs.
+    own_devices: bool = False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def start_ranks(config: EngineConfig, launcher: "WorkerLauncher", placement: RankPlacement
+                ) -> tuple[TPGroup, list["WorkerHandle"]]:
+    """Rank 0's group and the other ranks' handles (none without tensor parallelism); each rank
+    gets the configuration with its own device."""
+    world = config.tensor_parallel_size
+    device = rank_device(config.device, 0, placement.own_devices)
+    if world == 1:
+        return init_group(0, 1, "", device), []
+    init_method = f"tcp://{placement.host}:{free_port(placement.host)}"
+    workers: list[WorkerHandle] = []
+    for rank in range(1, world):
+        own = config.model_copy(update={"device": str(rank_device(config.device, rank, placement.own_devices))})
+        workers.append(launcher(rank, world, init_method, own.model_dump_json()))
+    return join_group(workers, init_method, device), workers
 
 
 def join_group(workers: list["WorkerHandle"], init_method: str, device: torch.device) -> TPGroup:
