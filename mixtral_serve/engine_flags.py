@@ -53,8 +53,9 @@ def add_engine_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] =
         if annotation is bool:
             group.add_argument(option, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            group.add_argument(option, dest=dest, default=None, choices=_choices(annotation), help=help_text,
-                               metavar=None if _choices(annotation) else flag.upper())
+            choices = _choices(annotation)
+            group.add_argument(option, dest=dest, default=None, choices=choices, help=help_text,
+                               metavar=None if choices else flag.upper())
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
