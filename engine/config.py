@@ -105,7 +105,9 @@ class EngineConfig(_Strict):
     # kernels run, else torch.
     attention_backend: Literal["auto", "torch", "triton", "cpu"] = "auto"
     chat_template: ChatTemplate = "mistral"
-    seed: int = 0
+    # The shared generator of requests without their own `seed`. None: fresh entropy at every start,
+    # so unseeded sampling differs across replicas and restarts; an int makes it reproducible.
+    seed: int | None = None
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     decode_graphs: DecodeGraphConfig = DecodeGraphConfig()

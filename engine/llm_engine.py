@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import weakref
 from pathlib import Path
@@ -36,7 +37,7 @@ class LLMEngine:
         self.config = config
         model_dir = Path(config.model)
         self.tokenizer = Tokenizer.from_dir(model_dir, config.chat_template)
-        torch.manual_seed(config.seed)
+        torch.manual_seed(secrets.randbits(63) if config.seed is None else config.seed)
         t0 = time.perf_counter()
         world = config.tensor_parallel_size
         tp, self.workers = start_ranks(config, launcher, placement)

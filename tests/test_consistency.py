@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.llm import LLM
 from engine.model_runner import StepOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq
@@ -156,5 +157,18 @@ def test_seed_reproduces_across_batch_compositions(tiny_checkpoint: Path) -> Non
     # ... and differs with another seed, so the check above is not vacuous.
     other = run(make_engine(tiny_checkpoint), {"t": (target, params.model_copy(update={"seed": 4321}))})
     assert other["t"].choices[0].token_ids != alone
+
+
+def test_unseeded_sampling_differs_across_engines_unless_the_config_seeds_them(tiny_checkpoint: Path) -> None:
+    """Each fresh engine (a replica, a restart) draws its shared generator's seed from entropy; a
+    configured seed makes unseeded requests reproducible."""
+    params = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+
+    def first_sample(seed: int | None) -> list[int]:
+        llm = LLM(tiny_checkpoint, dtype="float32", cache={"kv_cache_bytes": 8 << 20}, load_progress=False, seed=seed)
+        return llm.generate([[1, 100, 200, 300]], params)[0].token_ids
+
+    assert first_sample(None) != first_sample(None)
+    assert first_sample(5) == first_sample(5)
 
 
