@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments.errors import OpenAIError
+from deployments.errors import CarriedError, OpenAIError
 
 
 def _error(limit: int) -> OpenAIError:
@@ -41,10 +40,8 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > limit:
-                    # NOTE: an HTTPException, as FastAPI re-raises those from its body parsing
-                    # (others it turns into a 400); the app's handler renders the envelope.
-                    raise HTTPException(413, _error(limit).message)
+                if seen > limit:  # the same envelope, code included, as a Content-Length refusal
+                    raise CarriedError(_error(limit))
             return message
 
         await self.app(scope, counted_receive, send)

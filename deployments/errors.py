@@ -51,6 +51,15 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
+class CarriedError(HTTPException):
+    """An OpenAIError raised where only an HTTPException gets through (FastAPI re-raises those from
+    its body parsing and turns others into a 400), rendered with its own type and code."""
+
+    def __init__(self, error: OpenAIError) -> None:
+        super().__init__(error.status, error.message)
+        self.error = error
+
+
 def internal_error() -> OpenAIError:
     """A bug: the details go to the log, never to the client (they may hold paths or input)."""
     return OpenAIError(500, "The server had an internal error; it has been logged.", code="internal_error")
@@ -78,7 +87,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return _validation_error(exc).response()
 
     async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return OpenAIError(exc.status_code, str(exc.detail)).response()
+        error = exc.error if isinstance(exc, CarriedError) else OpenAIError(exc.status_code, str(exc.detail))
+        return error.response()
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error serving %s", request.url.path)

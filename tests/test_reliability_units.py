@@ -155,7 +155,7 @@ def test_body_limit(client: TestClient) -> None:
         yield b'"}'
 
     assert_envelope(client.post("/latency/v1/completions", headers=bearer(KEY), content=chunks()), 413,
-                    "invalid_request_error")
+                    "invalid_request_error", "request_too_large")
     # Size is checked before the key: refusing a huge body tells an anonymous client nothing.
     assert client.post("/latency/v1/completions", json=big).status_code == 413
 
