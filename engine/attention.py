@@ -112,17 +112,18 @@ def paged_attention(
             kc, vc = k[sl], v[sl]  # [q, KVH, hd]
         else:
             kc, vc = k_cache[chunk.context_slots], v_cache[chunk.context_slots]  # [C, KVH, hd]
-        # NOTE: causal over a longer context is the lower-right variant, which flash attention
-        # runs as it is (GQA included); a boolean mask would force PyTorch's math backend, an fp32
-        # [H, q, C] score matrix (8.6 GB per layer for a 2K chunk over 32K context).
-        mask = chunk.mask if chunk.mask is not None else (
-            causal_lower_right(chunk.num_tokens, context) if context > chunk.num_tokens else None)
+        mask = chunk.mask
+        if mask is None and context > chunk.num_tokens:
+            # NOTE: causal over a longer context is the lower-right variant, which flash attention
+            # runs as it is (GQA included); a boolean mask would force PyTorch's math backend, an
+            # fp32 [H, q, C] score matrix (8.6 GB per layer for a 2K chunk over 32K context).
+            mask = causal_lower_right(chunk.num_tokens, context)
         o = F.scaled_dot_product_attention(
             qs,
             kc.transpose(0, 1).unsqueeze(0),
             vc.transpose(0, 1).unsqueeze(0),
             attn_mask=mask,
-            is_causal=chunk.mask is None and context == chunk.num_tokens,
+            is_causal=mask is None,
             enable_gqa=True,
         )  # [1, H, q, hd]
         out[sl] = o[0].transpose(0, 1)
