@@ -47,6 +47,7 @@ from engine.moe import select_experts  # noqa: E402
 from engine.paged_attention_triton import paged_decode_attention  # noqa: E402
 from engine.quant import dequantize_fp8, quantize_act_fp8, quantize_fp8  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
+from tests.moe_reference import reference_moe  # noqa: E402 - the fp32 loop the CPU tests check against
 
 Row = dict[str, Any]
 DEV = torch.device("cuda" if ON_GPU else "cpu")
@@ -108,27 +109,6 @@ def check_e2e() -> list[Row]:
 
 
 # ---- fused MoE ----------------------------------------------------------------------------------
-def reference_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                  ids: torch.Tensor, fp8_acts: bool) -> torch.Tensor:
-    """fp32 loop over experts -> [T, D]; `fp8_acts` rounds each GEMM's input through per-token fp8."""
-
-    def acts(a: torch.Tensor) -> torch.Tensor:
-        if not fp8_acts:
-            return a.float()
-        a8, scale = quantize_act_fp8(a)
-        return a8.float() * scale
-
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
-    inter = w2.shape[2]
-    for e in range(w13.shape[0]):
-        tok, slot = (ids == e).nonzero(as_tuple=True)
-        if tok.numel():
-            h = acts(x[tok]) @ w13[e].float().t()  # [n, 2I]
-            y = acts(F.silu(h[:, :inter]) * h[:, inter:]) @ w2[e].float().t()  # [n, D]
-            out.index_add_(0, tok, y * weights[tok, slot, None])
-    return out
-
-
 def check_moe() -> list[Row]:
     shapes = {"8x7B": (4096, 14336), "8x22B": (6144, 16384)} if ON_GPU else {"small": (128, 256)}
     tokens = [1, 64, 2048] if ON_GPU else [4]
@@ -153,7 +133,7 @@ def check_moe() -> list[Row]:
                          lambda: fused_moe_triton(x, w13_8, w2_8, weights, ids, s13, s2, quantize_activations=True)),
             }
             for label, (elem, ref_w13, ref_w2, fn) in variants.items():
-                ref = reference_moe(x, ref_w13, ref_w2, weights, ids, fp8_acts=label == "w8a8")
+                ref = reference_moe(x, ref_w13, ref_w2, weights, ids, quantize_acts=label == "w8a8")
                 err = rel_err(fn(), ref)
                 ms, peak = timed(fn, 20 if ON_GPU else 1)
                 gbs = experts * 3 * d * inter * elem / (ms * 1e-3) / 1e9
