@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import time
 from pathlib import Path
 from typing import Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from benchmarks.serve_report import SLO_KEYS, BenchResult, LoadLevel, RunResult, pick_best, print_report, write_outputs
 
@@ -28,7 +29,7 @@ SweepKind = Literal["concurrency", "request_rate"]
 class BenchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    base_url: str = "http://127.0.0.1:8000/v1"  # the OpenAI base URL, ending in /v1
+    base_url: str = "http://127.0.0.1:8000/v1"  # the OpenAI base URL (/v1 is added when missing, as vLLM's)
     tiers: list[str] = []  # mixtral-serve tiers: each runs against {host}/{tier}/v1
     endpoint: Literal["completions", "chat"] = "completions"
     model: str | None = None  # None: the first model GET {base_url}/models lists
@@ -53,9 +54,18 @@ class BenchConfig(BaseModel):
     sweep: tuple[SweepKind, list[float]] | None = None
     out: Path | None = None
     progress: bool = True
+    percentile_metrics: list[str] | None = None  # which latency rows a single run's table shows
+
+    @field_validator("base_url")
+    @classmethod
+    def _v1(cls, url: str) -> str:
+        url = url.rstrip("/")
+        return url if url.endswith("/v1") else f"{url}/v1"
 
     @model_validator(mode="after")
     def _check(self) -> BenchConfig:
+        if self.percentile_metrics is not None and (bad := set(self.percentile_metrics) - set(SLO_KEYS)):
+            raise ValueError(f"unknown percentile metric(s) {sorted(bad)}; known: ttft, tpot, itl, e2el")
         if unknown := set(self.slo) - set(SLO_KEYS):
             raise ValueError(f"unknown SLO {sorted(unknown)}; known: {', '.join(SLO_KEYS)}")
         for name in ("input_len_range", "output_len_range"):
@@ -164,6 +174,23 @@ def _slo(text: str) -> tuple[str, float]:
     return key, float(value)
 
 
+_VLLM_METRICS = {"ttft": "ttft_ms", "tpot": "tpot_ms", "itl": "itl_ms", "e2el": "e2e_ms"}
+
+
+def _goodput(text: str) -> tuple[str, float]:
+    key, sep, value = text.partition(":")
+    if not sep or key not in _VLLM_METRICS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(k + ':MS' for k in _VLLM_METRICS)}, got {text!r}")
+    return _VLLM_METRICS[key], float(value)
+
+
+def _metrics(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if bad := [n for n in names if n not in _VLLM_METRICS]:
+        raise argparse.ArgumentTypeError(f"unknown metric(s) {bad}; known: {', '.join(_VLLM_METRICS)}")
+    return [_VLLM_METRICS[n] for n in names]
+
+
 def _sweep(text: str) -> tuple[SweepKind, list[float]]:
     key, sep, values = text.partition("=")
     kind = key.replace("-", "_")
@@ -173,25 +200,25 @@ def _sweep(text: str) -> tuple[SweepKind, list[float]]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="OpenAI base URL (ending in /v1)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="OpenAI base URL (/v1 added when missing)")
     p.add_argument("--tier", action="append", default=[],
                    help="mixtral-serve tier(s) on the --base-url host (repeat or comma-separate; each runs)")
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--model", help="model id (default: the first one GET {base_url}/models lists)")
     p.add_argument("--api-key", help="sent as a Bearer token")
     load = p.add_argument_group("load")
-    load.add_argument("--concurrency", type=int, help="closed loop of N users (default 1); with --request-rate "
+    load.add_argument("--concurrency", "--max-concurrency", type=int, help="closed loop of N users (default 1); with --request-rate "
                                                       "a cap on requests in flight")
     load.add_argument("--request-rate", type=float, help="open loop: Poisson arrivals per second (inf: all at once)")
-    load.add_argument("--num-requests", type=int, help=f"default {DEFAULT_NUM_REQUESTS}, unlimited with --duration")
+    load.add_argument("--num-requests", "--num-prompts", type=int, help=f"default {DEFAULT_NUM_REQUESTS}, unlimited with --duration")
     load.add_argument("--duration", type=float, help="seconds: no new requests after that")
     load.add_argument("--warmup", type=int, default=1, help="unmeasured requests first")
     load.add_argument("--seed", type=int, default=0, help="prompts, lengths and arrival times")
     load.add_argument("--sweep", type=_sweep, help="concurrency=1,2,4,8 or request-rate=1,2,4: one run per level")
     work = p.add_argument_group("workload")
-    work.add_argument("--input-len", default="128", help="prompt tokens (approximate), or 'max' to fill the context")
+    work.add_argument("--input-len", "--random-input-len", default="128", help="prompt tokens (approximate), or 'max' to fill the context")
     work.add_argument("--input-len-range", type=_pair, metavar="A:B", help="uniform random prompt lengths")
-    work.add_argument("--output-len", type=int, default=128)
+    work.add_argument("--output-len", "--random-output-len", type=int, default=128)
     work.add_argument("--output-len-range", type=_pair, metavar="A:B")
     work.add_argument("--dataset", type=Path, help='JSONL rows {"prompt": ..., "max_tokens": ...}')
     work.add_argument("--max-model-len", type=int, help="context length for --input-len max (default: the "
@@ -205,8 +232,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help=f"latency objective, one of {', '.join(SLO_KEYS)} (repeatable)")
     rep.add_argument("--slo-attainment", type=float, default=0.9,
                      help="share of requests that must meet the SLOs for a load level to pass")
+    rep.add_argument("--goodput", nargs="+", type=_goodput, default=[], metavar="KEY:MS",
+                     help="vLLM's spelling of --slo: ttft:MS, tpot:MS, itl:MS, e2el:MS")
     rep.add_argument("--out", type=Path, help="result JSON path (or folder); PNG plots are written beside it")
-    rep.add_argument("--no-progress", action="store_true")
+    rep.add_argument("--save-result", action="store_true", help="as vLLM: write the result JSON (and plots) to "
+                     "--result-dir/--result-filename")
+    rep.add_argument("--result-dir", type=Path, default=Path("."))
+    rep.add_argument("--result-filename", help="default: bench-serve-<time>.json")
+    rep.add_argument("--percentile-metrics", type=_metrics, help="comma-separated rows of the latency table "
+                     "(ttft,tpot,itl,e2el; default: all)")
+    rep.add_argument("--no-progress", "--disable-tqdm", action="store_true")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -218,13 +253,20 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         input_len="max" if args.input_len == "max" else int(args.input_len), input_len_range=args.input_len_range,
         output_len=args.output_len, output_len_range=args.output_len_range, dataset=args.dataset,
         max_model_len=args.max_model_len, ignore_eos=args.ignore_eos, temperature=args.temperature,
-        timeout_s=args.timeout, slo=dict(args.slo), slo_attainment=args.slo_attainment, sweep=args.sweep,
-        out=args.out, progress=not args.no_progress,
+        timeout_s=args.timeout, slo=dict(args.slo) | dict(args.goodput), slo_attainment=args.slo_attainment,
+        sweep=args.sweep, out=_out(args), progress=not args.no_progress, percentile_metrics=args.percentile_metrics,
     )
 
 
+def _out(args: argparse.Namespace) -> Path | None:
+    if args.out is not None or not args.save_result:
+        return args.out
+    return args.result_dir / (args.result_filename or f"bench-serve-{time.strftime('%Y%m%d-%H%M%S')}.json")
+
+
 def main(args: argparse.Namespace) -> None:
-    result = asyncio.run(run_benchmark(config_from_args(args)))
+    config = config_from_args(args)
+    result = asyncio.run(run_benchmark(config))
     print_report(result)
-    if args.out is not None:
-        print(f"results in {args.out}")
+    if config.out is not None:
+        print(f"results in {config.out}")

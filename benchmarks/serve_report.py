@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, computed_field, field_serializer
 
 Status = Literal["ok", "failed", "rejected"]
-SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
+SLO_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")  # itl_ms: every gap of the request
 PNG_NAMES = ("latency_cdf", "tokens_over_time", "sweep")
 
 
@@ -68,7 +68,8 @@ class RequestResult(BaseModel):
         """Succeeded and within every SLO (a one-token answer has no TPOT and passes that one)."""
         if self.status != "ok":
             return False
-        values = {"ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms, "e2e_ms": self.e2e_ms}
+        values = {"ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms, "e2e_ms": self.e2e_ms,
+                  "itl_ms": max(self.itl_ms, default=None)}
         return all((v := values[k]) is None or v <= limit for k, limit in slo.items())
 
 
@@ -246,7 +247,7 @@ def print_report(result: BenchResult) -> None:
             ("total tokens/s (input + output)", _f(run.total_tok_s)),
             ("per-session tokens/s (mean)", _f(run.per_session_tok_s)),
         ]
-        for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
+        for name in result.config.get("percentile_metrics") or ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
             d: Dist | None = getattr(run, name)
             rows.append((f"{name[:-3].upper()} ms mean / p50 / p90 / p99",
                          " / ".join(_f(getattr(d, k) if d else None) for k in ("mean", "p50", "p90", "p99"))))
@@ -331,6 +332,9 @@ def _plot_timeline(fig: Any, result: BenchResult) -> None:
     top.set(title="output tokens/s over time", ylabel="tokens/s")
     bottom.set(xlabel="seconds since the run started", ylabel="requests in flight")
     bottom.yaxis.set_major_locator(MaxNLocator(integer=True))
+    # Both axes from 0: a range of 15-16 in flight would make a run's tail look like a collapse.
+    top.set_ylim(bottom=0)
+    bottom.set_ylim(bottom=0)
     _finish(top)
     _finish(bottom)
 

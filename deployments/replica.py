@@ -11,19 +11,30 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
 import ray
 from ray import serve
 
-from deployments.tp_workers import RayRankLauncher
-from deployments.protocol import ChoiceChunk, ErrorInfo, GenerateChunk, GenerateRequest, TokenLogprob
+from deployments.protocol import (
+    ChoiceChunk,
+    ErrorInfo,
+    GenerateChunk,
+    GenerateRequest,
+    TokenLogprob,
+)
 from deployments.replica_metrics import ReplicaMetrics
+from deployments.tp_workers import RayRankLauncher
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, SchedulerConfig
-from engine.outputs import EngineDeadError, RequestError, RequestFailedError, RequestOutput
+from engine.outputs import (
+    EngineDeadError,
+    RequestError,
+    RequestFailedError,
+    RequestOutput,
+)
 from engine.ranks import RankPlacement
 from engine.tokenizer import ChatTemplateError
 
@@ -43,15 +54,19 @@ class _ChunkState:
         self.queue_seconds: float | None = None
 
 
-async def _coalesce(outputs: AsyncIterator[RequestOutput], interval: float) -> AsyncIterator[list[RequestOutput]]:
-    """Groups engine outputs: the first alone at once, then whatever arrived within `interval`
-    of the previous flush (`inf`: everything at the end, `0`: each as it comes)."""
+async def _coalesce(batches: AsyncIterator[list[RequestOutput]],
+                    interval_of: Callable[[], float]) -> AsyncIterator[list[RequestOutput]]:
+    """Groups engine outputs: the first at once, then whatever arrived within `interval_of()`
+    (asked again at each flush) of the previous flush (`inf`: everything at the end; `0`: whatever
+    arrived since the last read, so a stream that fell behind catches up in one chunk, not one
+    per step)."""
+    interval = interval_of()
     if interval == 0:
-        async for out in outputs:
-            yield [out]
+        async for batch in batches:
+            yield batch
         return
     if math.isinf(interval):
-        yield [out async for out in outputs]
+        yield [out async for batch in batches for out in batch]
         return
     # NOTE: a pump task feeds a queue so waiting for the flush deadline only ever cancels a
     # queue read; cancelling the engine's generator itself would abort the request.
@@ -59,8 +74,9 @@ async def _coalesce(outputs: AsyncIterator[RequestOutput], interval: float) -> A
 
     async def pump() -> None:
         try:
-            async for out in outputs:
-                queue.put_nowait(out)
+            async for batch in batches:
+                for out in batch:
+                    queue.put_nowait(out)
             queue.put_nowait(_END)
         except Exception as err:  # noqa: BLE001 - re-raised on the consumer's side
             queue.put_nowait(err)
@@ -71,7 +87,10 @@ async def _coalesce(outputs: AsyncIterator[RequestOutput], interval: float) -> A
     try:
         while True:
             batch = [await queue.get()]
+            while not _final(batch[-1]) and not queue.empty():  # whatever is already there
+                batch.append(queue.get_nowait())
             if last_flush is not None:  # not the first token: hold until the interval is over
+                interval = interval_of()
                 while not _final(batch[-1]) and (left := last_flush + interval - loop.time()) > 0:
                     try:
                         batch.append(await asyncio.wait_for(queue.get(), left))
@@ -96,7 +115,7 @@ _MIN_LOGPROB = -9999.0
 
 
 def _finite(logprob: float) -> float:
-    return logprob if logprob > _MIN_LOGPROB else _MIN_LOGPROB
+    return max(_MIN_LOGPROB, logprob)
 
 
 def _final(item: Any) -> bool:
@@ -207,14 +226,14 @@ class ModelReplica:
             return
         self._waiting_first_token[request.request_id] = time.monotonic()
         self._active.add(request.request_id)
-        interval = self.engine.tuning.stream_flush_ms / 1000 if request.stream else math.inf
+        interval_of = self._flush_interval if request.stream else lambda: math.inf
         state = _ChunkState(want_logprobs=params.logprobs is not None)
         try:
             # Closing the engine's stream (finished, failed or the client left) aborts the request.
-            async with aclosing(self.metrics.track(self.engine.generate(
+            async with aclosing(self.metrics.track(self.engine.stream(
                 request.request_id, prompt, params, request.priority, continuation=request.messages is None
             ), params.n)) as outputs:
-                async for batch in _coalesce(outputs, interval):
+                async for batch in _coalesce(outputs, interval_of):
                     self._waiting_first_token.pop(request.request_id, None)
                     yield self._chunk(batch, state)
         except RequestError as err:
@@ -230,7 +249,16 @@ class ModelReplica:
             self._waiting_first_token.pop(request.request_id, None)
             self._active.discard(request.request_id)
 
-    def _chunk(self, batch: list[RequestOutput], state: "_ChunkState") -> GenerateChunk:
+    def _flush_interval(self) -> float:
+        """Seconds a stream holds its outputs: the tier's flush interval, widened so that all of
+        this replica's streams together stay under the tier's message cap."""
+        tuning = self.engine.tuning
+        interval = tuning.stream_flush_ms / 1000
+        if tuning.stream_max_messages_per_s is not None:
+            interval = max(interval, len(self._active) / tuning.stream_max_messages_per_s)
+        return interval
+
+    def _chunk(self, batch: list[RequestOutput], state: _ChunkState) -> GenerateChunk:
         choices: dict[int, ChoiceChunk] = {}
         for out in batch:
             if state.queue_seconds is None:

@@ -64,37 +64,39 @@ class ReplicaMetrics:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="replica-metrics")
 
     # ---- the streams' side ------------------------------------------------------------------
-    def track(self, outputs: AsyncIterator[RequestOutput], num_choices: int) -> AsyncIterator[RequestOutput]:
-        """Passes a request's engine outputs through, noting its latencies; closing it closes
-        `outputs` (the engine then aborts an unfinished request). Call when the request arrives."""
-        return self._track(outputs, num_choices, time.monotonic())
+    def track(self, batches: AsyncIterator[list[RequestOutput]], num_choices: int) -> AsyncIterator[list[RequestOutput]]:
+        """Passes a request's engine outputs through (as the engine hands them over: each read's
+        outputs in one list), noting its latencies; closing it closes `batches` (the engine then
+        aborts an unfinished request). Call when the request arrives."""
+        return self._track(batches, num_choices, time.monotonic())
 
-    async def _track(self, outputs: AsyncIterator[RequestOutput], num_choices: int,
-                     arrival: float) -> AsyncIterator[RequestOutput]:
+    async def _track(self, batches: AsyncIterator[list[RequestOutput]], num_choices: int,
+                     arrival: float) -> AsyncIterator[list[RequestOutput]]:
         pending = self._pending
         last: float | None = None
         unfinished = num_choices
         failed = True
         try:
-            async with aclosing(outputs):
-                async for out in outputs:
+            async with aclosing(batches):
+                async for batch in batches:
                     now = time.monotonic()
-                    if last is None:
-                        pending[m.TTFT].append(now - arrival)
-                        if out.queue_time is not None:
-                            pending[m.QUEUE_TIME].append(out.queue_time)
-                    else:
-                        pending[m.ITL].append(now - last)
-                    last = now
-                    for choice in out.choices:
-                        if choice.finish_reason is not None:
-                            self._finished[choice.finish_reason] += 1
-                            unfinished -= 1
-                    if out.finished:
-                        pending[m.E2E].append(now - arrival)
-                        pending[m.REQUEST_PROMPT_TOKENS].append(out.num_prompt_tokens)
-                        pending[m.REQUEST_GENERATION_TOKENS].append(out.num_output_tokens)
-                    yield out
+                    for out in batch:
+                        if last is None:
+                            pending[m.TTFT].append(now - arrival)
+                            if out.queue_time is not None:
+                                pending[m.QUEUE_TIME].append(out.queue_time)
+                        else:
+                            pending[m.ITL].append(now - last)  # 0 for outputs that arrived together
+                        last = now
+                        for choice in out.choices:
+                            if choice.finish_reason is not None:
+                                self._finished[choice.finish_reason] += 1
+                                unfinished -= 1
+                        if out.finished:
+                            pending[m.E2E].append(now - arrival)
+                            pending[m.REQUEST_PROMPT_TOKENS].append(out.num_prompt_tokens)
+                            pending[m.REQUEST_GENERATION_TOKENS].append(out.num_output_tokens)
+                    yield batch
             failed = False
         except RequestError:
             unfinished = 0  # refused before admission: a rejection (the router counts it), not a finish

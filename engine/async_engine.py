@@ -1,68 +1,141 @@
-"""Async front of the engine: many concurrent generators share one background step loop.
+"""Async front of the engine: many concurrent generators share one engine core.
 
-NOTE: model steps run on one dedicated worker thread, so the event loop (a Ray Serve replica's,
-or any asyncio server's) keeps answering while the model computes. Requests and aborts are
-handed to that thread through a queue and applied between steps, so the engine's state is
-only ever touched by one thread.
+NOTE: the core (engine/engine_core.py) steps back to back while there is work, in its own
+process or on a thread, so the event loop (a Ray Serve replica's, or any asyncio server's)
+keeps answering while the model computes and never paces the engine. Each step's outputs come
+back to the event loop in one hand-off, whatever the number of streams; a stream whose reader
+fell behind finds every output that arrived meanwhile in one read (`stream()`), so a slow
+consumer costs one wake-up per read, not one per step. Prompts are encoded and checked here,
+before they reach the core.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig, SchedulerConfig
-from engine.llm_engine import LLMEngine
+from engine.engine_core import (
+    AddRequest,
+    ProcessCore,
+    StepReport,
+    ThreadCore,
+)
+from engine.outputs import (
+    EngineDeadError,
+    EngineStats,
+    RequestFailedError,
+    RequestOutput,
+)
 from engine.ranks import RankPlacement, WorkerLauncher, launch_local
-from engine.outputs import EngineDeadError, EngineStats, RequestFailedError, RequestOutput, StepFailedError
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Add:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    priority: int
-    continuation: bool
+class _Stream:
+    """One request's outputs, appended on the event loop, taken by its reader in one go."""
+
+    items: list[RequestOutput | BaseException] = field(default_factory=list)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.items.append(item)
+        self.ready.set()
+
+    async def take(self) -> list[RequestOutput | BaseException]:
+        await self.ready.wait()
+        self.ready.clear()
+        items, self.items = self.items, []
+        return items
 
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig, launcher: WorkerLauncher = launch_local,
                  placement: RankPlacement = RankPlacement()) -> None:
-        self.engine = LLMEngine(config, launcher, placement)
-        self.tokenizer = self.engine.tokenizer
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
-        self._commands: queue.SimpleQueue[_Add | str | SchedulerConfig] = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        self._wake: asyncio.Event | None = None
-        self._loop_task: asyncio.Task[None] | None = None
-        self._dead: BaseException | None = None
-        # NOTE: stats() serves the snapshot the step thread takes after each step: reading the
-        # live engine from the event loop would race the step and could mix fields from before
-        # and after it (a sequence counted both waiting and running, say).
-        self._stats = self.engine.stats()
+        """`launcher`/`placement`: where tensor-parallel ranks > 0 start. A caller's own launcher
+        (Ray actors) keeps the core on a thread here, whatever `config.core_process` says."""
+        own_ranks = config.tensor_parallel_size > 1 and launcher is not launch_local
+        self.core: ThreadCore | ProcessCore = (
+            ProcessCore(config) if config.core_process and not own_ranks else ThreadCore(config, launcher, placement))
+        self.tokenizer = self.core.tokenizer
+        self._limits = self.core.info.limits
+        self._tuning = self.core.info.tuning
+        # NOTE: stats() serves the snapshot the core takes after each step: reading a live
+        # engine from the event loop would race the step and could mix fields from before and
+        # after it (a sequence counted both waiting and running, say).
+        self._stats = self.core.info.stats
+        self._latency_fit: dict[str, float] | None = None
         self.last_step_end = time.monotonic()  # the health probe checks the loop keeps moving
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams: dict[str, _Stream] = {}
+        self._dead: BaseException | None = None
 
     # ---- public API ----------------------------------------------------------------------
     @property
+    def engine(self) -> LLMEngine:
+        """The engine object itself, where the core runs on a thread here (tests reach into it)."""
+        assert isinstance(self.core, ThreadCore), "the engine core runs in another process"
+        return self.core.engine
+
+    @property
     def is_running(self) -> bool:
-        return self._loop_task is not None and not self._loop_task.done()
+        return self._loop is not None and self._dead is None and self.core.alive()
 
     def start(self) -> None:
-        """Starts the step loop on the running event loop (idempotent)."""
+        """Starts the core's step loop, delivering to the running event loop (idempotent)."""
         if self._dead is not None:
             raise EngineDeadError(f"engine loop died: {self._dead!r}")
-        if self._loop_task is None:
-            self._wake = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run(), name="engine-loop")
+        if self._loop is None:
+            self._loop = loop = asyncio.get_running_loop()
+            self.core.start(loop, self._deliver, self._die)
+
+    async def stream(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        continuation: bool = True,
+    ) -> AsyncIterator[list[RequestOutput]]:
+        """Yields every `RequestOutput` that arrived since the previous read (one per step that
+        produced tokens, in order; the last with `finished`).
+
+        Leaving the loop early (client gone, task cancelled) aborts the request.
+        Raises `RequestError` before any work when the request can never complete.
+        """
+        self.start()
+        prompt_ids = self.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
+        self.validate(prompt_ids, params)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = _Stream()
+        self._streams[request_id] = stream
+        self.core.send(AddRequest(request_id, prompt_ids, params, priority, continuation))
+        finished = False
+        try:
+            while not finished:
+                outputs: list[RequestOutput] = []
+                for item in await stream.take():
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.error is not None:
+                        raise RequestFailedError(item.error)
+                    outputs.append(item)
+                    finished = item.finished
+                yield outputs
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished and self._dead is None:
+                self.core.send(request_id)  # abort
 
     async def generate(
         self,
@@ -72,52 +145,34 @@ class AsyncEngine:
         priority: int = 0,
         continuation: bool = True,
     ) -> AsyncIterator[RequestOutput]:
-        """Yields one `RequestOutput` per step that produced tokens, the last with `finished`.
+        """`stream()`, one `RequestOutput` at a time."""
+        async for outputs in self.stream(request_id, prompt, params, priority, continuation):
+            for out in outputs:
+                yield out
 
-        Leaving the loop early (client gone, task cancelled) aborts the request.
-        Raises `RequestError` before any work when the request can never complete.
-        """
-        self.start()
-        prompt_ids = self.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
-        self.engine.validate(prompt_ids, params)
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._streams[request_id] = stream
-        self._send(_Add(request_id, prompt_ids, params, priority, continuation))
-        finished = False
-        try:
-            while not finished:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.error is not None:
-                    raise RequestFailedError(item.error)
-                finished = item.finished
-                yield item
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self._send(request_id)  # abort
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raises `RequestError` for a request that could never complete (as `stream` would)."""
+        self._limits.check(prompt_ids, params)
 
     async def abort(self, request_id: str) -> None:
-        self._send(request_id)
+        self.core.send(request_id)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Prompt ids of an assistant reply to `messages` (ChatTemplateError when malformed)."""
-        return self.engine.encode_chat(messages)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     @property
     def tuning(self) -> SchedulerConfig:
-        """The scheduler knobs in force (a `reconfigure` shows here once the step thread applied it)."""
-        return self.engine.config.scheduler
+        """The scheduler knobs in force (a `reconfigure` shows here once the core applied it)."""
+        return self._tuning
 
     def reconfigure(self, tuning: SchedulerConfig) -> None:
         """New scheduler knobs, applied between steps."""
-        self._send(tuning)
+        self.core.send(tuning)
 
     def latency_fit(self) -> dict[str, float] | None:
-        return self.engine.latency_fit()
+        """The fixed-latency controller's model, as of the core's last report (a fraction of a second)."""
+        return self._latency_fit
 
     def stats(self) -> EngineStats:
         stats = self._stats
@@ -132,92 +187,34 @@ class AsyncEngine:
             raise EngineDeadError(f"engine loop died: {self._dead!r}")
         # NOTE: ranks are checked here too, not only at the next step: a rank lost while the
         # replica is idle then gets it replaced before a request finds out.
-        self.engine.check_ranks()
-        if self._loop_task is not None and self._loop_task.done():
+        self.core.check_ranks()
+        if not self.core.alive():
             raise EngineDeadError("engine loop is not running")
-        busy = self.engine.has_unfinished or not self._commands.empty()
+        busy = bool(self._streams) or self._stats.num_running + self._stats.num_waiting > 0
         if busy and time.monotonic() - self.last_step_end > stall_seconds:
             raise EngineDeadError(f"engine step loop stalled for over {stall_seconds:.0f}s")
 
     async def shutdown(self) -> None:
-        """Stops the step loop; streams still open, and any later `generate`, get EngineDeadError."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            # A loop that died has already reported why (stats, check_health, its streams):
-            # shutting down must not raise that again.
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+        """Stops the core; streams still open, and any later `generate`, get EngineDeadError."""
+        await self.core.aclose()
         if self._dead is None:
-            self._dead = EngineDeadError("the engine was shut down")
-            for stream in self._streams.values():
-                stream.put_nowait(self._dead)
-        self._executor.shutdown(wait=True)
-        self.engine.shutdown()
+            self._fail_all(EngineDeadError("the engine was shut down"))
 
-    # ---- the loop ------------------------------------------------------------------------
-    def _send(self, command: _Add | str | SchedulerConfig) -> None:
-        self._commands.put(command)
-        if self._wake is not None:
-            self._wake.set()
+    # ---- on the event loop ---------------------------------------------------------------
+    def _deliver(self, report: StepReport) -> None:
+        self._stats, self.last_step_end = report.stats, report.step_end
+        if report.tuning is not None:
+            self._tuning = report.tuning
+        if report.has_fit:
+            self._latency_fit = report.latency_fit
+        for request_id, item in report.delivered:
+            if (stream := self._streams.get(request_id)) is not None:
+                stream.put(item)
 
-    def _apply_commands(self) -> list[tuple[str, RequestOutput | BaseException]]:
-        """Runs on the step thread. Returns what callers learn at once: the final output of an
-        aborted request (so an `abort()` ends its stream), or why a request failed to start."""
-        early: list[tuple[str, RequestOutput | BaseException]] = []
-        while not self._commands.empty():
-            cmd = self._commands.get()
-            if isinstance(cmd, SchedulerConfig):
-                self.engine.reconfigure(cmd)
-            elif isinstance(cmd, str):
-                aborted = self.engine.abort_request(cmd)
-                if aborted is not None:
-                    early.append((cmd, aborted))
-            else:
-                try:
-                    self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.priority, cmd.continuation)
-                except Exception as err:  # noqa: BLE001 - reported to that request's caller
-                    early.append((cmd.request_id, err))
-        return early
+    def _die(self, err: BaseException) -> None:
+        self._fail_all(EngineDeadError(f"engine loop died: {err!r}"), err)
 
-    def _step(self) -> tuple[list[RequestOutput], list[tuple[str, RequestOutput | BaseException]]]:
-        early = self._apply_commands()
-        try:
-            outputs = self.engine.step() if self.engine.has_unfinished else []
-        except EngineDeadError:
-            raise  # a lost tensor-parallel rank cannot be recovered here: the loop dies, health fails
-        except StepFailedError as err:  # one bad step fails its own requests, not the loop
-            log.exception("engine step failed; failing the %d requests it ran", len(err.request_ids))
-            outputs = self.engine.fail_requests(err.request_ids, str(err))
-        except Exception as err:  # noqa: BLE001 - outside the model: which requests it left broken is unknown
-            log.exception("engine step failed outside the model; failing every request")
-            outputs = self.engine.fail_requests(list(self.engine.requests), f"engine step failed: {type(err).__name__}: {err}")
-        self._stats = self.engine.stats()
-        self.last_step_end = time.monotonic()
-        return outputs, early
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._wake is not None
-        try:
-            while True:
-                if not self.engine.has_unfinished and self._commands.empty():
-                    await self._wake.wait()
-                self._wake.clear()
-                outputs, early = await loop.run_in_executor(self._executor, self._step)
-                for request_id, item in early:
-                    self._deliver(request_id, item)
-                for out in outputs:
-                    self._deliver(out.request_id, out)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as err:
-            log.exception("engine loop died")
-            self._dead = err
-            dead = EngineDeadError(f"engine loop died: {err!r}")
-            for stream in self._streams.values():
-                stream.put_nowait(dead)
-            raise
-
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.put_nowait(item)
+    def _fail_all(self, err: EngineDeadError, cause: BaseException | None = None) -> None:
+        self._dead = self._dead or cause or err
+        for stream in self._streams.values():
+            stream.put(err)

@@ -48,6 +48,11 @@ class SchedulerConfig(_Strict):
     # Streamed outputs of a request are held back and delivered together for up to this long
     # (the first token always at once): fewer, larger messages for throughput. 0 = every step.
     stream_flush_ms: float = Field(0.0, ge=0.0, le=1000.0)
+    # A cap on the streamed messages per second across all of an engine's streams: each stream's
+    # flush interval widens to (streams / cap) when that is longer than stream_flush_ms. Every
+    # message costs the serving path a fixed amount of CPU (~2-3 ms on two cores through Ray Serve),
+    # so without a cap many slow streams spend on messages what the engine needs. None: no cap.
+    stream_max_messages_per_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "SchedulerConfig":
@@ -112,3 +117,11 @@ class EngineConfig(_Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     decode_graphs: DecodeGraphConfig = DecodeGraphConfig()
     load_progress: bool = True
+    # Threads a step computes on (CPU). None: PyTorch's default, every core. Fewer leave cores to
+    # other work on the host (a server's front, other replicas); measured on 2 cores, a served
+    # engine on both still beat one left idle for its front (benchmarks/serving_path.py).
+    cpu_threads: int | None = Field(None, ge=1)
+    # The async front (a server's) runs the engine core in a process of its own: a step there runs
+    # at the synchronous engine's speed, apart from the server's event loop and its GIL
+    # (engine/engine_core.py). False: on a thread of the server's process.
+    core_process: bool = True

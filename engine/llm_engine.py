@@ -14,8 +14,22 @@ from engine.checkpoint import default_model_dir
 from engine.config import EngineConfig, SchedulerConfig
 from engine.kv_cache import BlockManager
 from engine.model_runner import StepOutput, build_runner
-from engine.ranks import RankPlacement, WorkerLauncher, launch_local, start_ranks, stop_ranks
-from engine.outputs import ChoiceDelta, EngineDeadError, EngineStats, RequestError, RequestOutput, StepFailedError
+from engine.outputs import (
+    ChoiceDelta,
+    EngineDeadError,
+    EngineStats,
+    RequestError,
+    RequestOutput,
+    StepFailedError,
+)
+from engine.ranks import (
+    RankPlacement,
+    WorkerLauncher,
+    launch_local,
+    start_ranks,
+    stop_ranks,
+)
+from engine.request_limits import RequestLimits
 from engine.sampling import make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -38,6 +52,8 @@ class LLMEngine:
         model_dir = Path(config.model)
         self.tokenizer = Tokenizer.from_dir(model_dir, config.chat_template)
         torch.manual_seed(secrets.randbits(63) if config.seed is None else config.seed)
+        if config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
         t0 = time.perf_counter()
         world = config.tensor_parallel_size
         tp, self.workers = start_ranks(config, launcher, placement)
@@ -71,27 +87,13 @@ class LLMEngine:
     def encode_chat(self, messages: list[ChatMessage | dict]) -> list[int]:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(self.model_config.vocab_size, self.max_model_len, self.kv_capacity_tokens)
+
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Rejects, before any work, a request that could never complete."""
-        n = len(prompt_ids)
-        if n == 0:
-            raise RequestError("the prompt is empty", param="prompt")
-        if max(prompt_ids) >= self.model_config.vocab_size or min(prompt_ids) < 0:
-            raise RequestError(f"prompt token ids must be in [0, {self.model_config.vocab_size})", param="prompt")
-        wanted = n + (params.max_tokens or 0)
-        if n >= self.max_model_len or wanted > self.max_model_len:
-            raise RequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{wanted} tokens ({n} in the prompt, {params.max_tokens or 0} in the completion). "
-                "Please reduce the prompt or max_tokens.",
-                param="max_tokens" if n < self.max_model_len else "prompt",
-            )
-        if wanted > self.kv_capacity_tokens:
-            raise RequestError(
-                f"the request needs {wanted} tokens of KV cache but the whole cache holds "
-                f"{self.kv_capacity_tokens}",
-                param="max_tokens",
-            )
+        self.limits.check(prompt_ids, params)
 
     def add_request(
         self,

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks import engine_bench, serve_bench
+from benchmarks import engine_bench, serve_bench, serving_path
 from dashboards import commands as dashboard_commands
 from engine.checkpoint import DTYPES, PRESETS, write_checkpoint
 from mixtral_serve.engine_flags import add_engine_flags, engine_config
@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("serve", help="load-test an OpenAI-compatible server: latency, tokens/s, goodput")
     serve_bench.add_arguments(p)
     p.set_defaults(func=serve_bench.main)
+    p = bench.add_parser("serving-path", help="tokens/s and TTFT of each layer: engine, async engine, Serve, vLLM")
+    serving_path.add_arguments(p)
+    p.set_defaults(func=serving_path.main)
 
     dashboard_commands.add_parser(sub)
     return parser

@@ -8,10 +8,12 @@ loop that started it.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ import torch
 from engine.async_engine import AsyncEngine
 from engine.checkpoint import PRESETS
 from engine.config import EngineConfig
+from engine.engine_core import ProcessCore
 from engine.llm_engine import LLMEngine
 from engine.model_runner import StepOutput, kv_bytes_per_block
 from engine.outputs import EngineDeadError, RequestError, RequestFailedError, RequestOutput
@@ -38,7 +41,8 @@ def ckpt(tiny_checkpoint: Path) -> Path:
 
 
 def config(ckpt: Path, *, blocks: int = 1024, block_size: int = 4, max_num_seqs: int = 16,
-           max_num_batched_tokens: int = 64, prefix_caching: bool = True) -> EngineConfig:
+           max_num_batched_tokens: int = 64, prefix_caching: bool = True, core_process: bool = True) -> EngineConfig:
+    """`core_process=False` where a test reaches into the engine object (to inject faults)."""
     return EngineConfig(
         model=str(ckpt),
         dtype="float32",
@@ -49,6 +53,7 @@ def config(ckpt: Path, *, blocks: int = 1024, block_size: int = 4, max_num_seqs:
         },
         scheduler={"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens},
         load_progress=False,
+        core_process=core_process,
     )
 
 
@@ -85,7 +90,7 @@ async def wait_idle(engine: AsyncEngine, timeout: float = 10.0) -> None:
     deadline = loop.time() + timeout
     while True:
         s = engine.stats()
-        if (s.kv_blocks_used, s.num_running, s.num_waiting) == (0, 0, 0) and not engine.engine.has_unfinished:
+        if (s.kv_blocks_used, s.num_running, s.num_waiting) == (0, 0, 0):
             return
         assert loop.time() < deadline, f"engine not idle after {timeout}s: {s}"
         await asyncio.sleep(0.01)
@@ -245,7 +250,7 @@ def test_failed_step_fails_only_in_flight_requests(ckpt: Path) -> None:
     want = offline(ckpt, {"early": early, **later, **queued})
 
     async def main() -> None:
-        engine = AsyncEngine(config(ckpt, max_num_seqs=4))
+        engine = AsyncEngine(config(ckpt, max_num_seqs=4, core_process=False))
         runner = engine.engine.runner
         execute = runner.execute
         faulted = False
@@ -300,7 +305,7 @@ def test_dead_loop_reports_engine_dead(ckpt: Path) -> None:
     requests = {f"x{i}": (rand_ids(rng, 8), long_greedy) for i in range(3)}
 
     async def main() -> None:
-        engine = AsyncEngine(config(ckpt))
+        engine = AsyncEngine(config(ckpt, core_process=False))
         inner = engine.engine
         execute = inner.runner.execute
         calls = 0
@@ -396,7 +401,7 @@ def test_invalid_request_rejected_before_any_work(ckpt: Path) -> None:
             with pytest.raises(RequestError, match=r"needs 70 tokens.*holds 64"):
                 async for _ in engine.generate("big", list(range(3, 63)), SamplingParams(max_tokens=10)):
                     pass
-            assert engine.engine.requests == {} and engine.stats().kv_blocks_used == 0
+            assert engine.stats().num_waiting == 0 and engine.stats().kv_blocks_used == 0
             outs = await collect(engine, "big", list(range(3, 13)), SamplingParams(temperature=0.0, max_tokens=3))
             assert len(tokens_of(outs)) == 3
         finally:
@@ -424,5 +429,80 @@ def test_shutdown_ends_open_streams(ckpt: Path) -> None:
         with pytest.raises(EngineDeadError):
             async for _ in engine.generate("after", [5, 6, 7], params):
                 pass
+
+    run(main)
+
+
+@pytest.mark.parametrize("core_process", [True, False], ids=["process", "thread"])
+def test_work_per_step_not_per_token(ckpt: Path, core_process: bool) -> None:
+    """Keeps the serving path's per-token work from coming back, without timing: the engine core
+    hands the event loop one report per step whatever the number of streams, and a stream's
+    reader wakes at most once per step (less when it fell behind)."""
+    streams, tokens = 16, 24
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    rng = random.Random(7)
+
+    async def main() -> None:
+        engine = AsyncEngine(config(ckpt, max_num_seqs=streams, core_process=core_process))
+        handoffs = 0
+        deliver = engine._deliver
+
+        def counted(report: Any) -> None:
+            nonlocal handoffs
+            handoffs += 1
+            deliver(report)
+
+        engine._deliver = counted  # type: ignore[method-assign]
+        try:
+            steps_before = engine.stats().steps_total
+
+            async def reads(rid: str) -> tuple[int, int]:
+                n_reads = n_tokens = 0
+                async for outs in engine.stream(rid, rand_ids(rng, 8), params):
+                    n_reads += 1
+                    n_tokens += sum(len(c.token_ids) for o in outs for c in o.choices)
+                return n_reads, n_tokens
+
+            results = await asyncio.gather(*(reads(f"w{i}") for i in range(streams)))
+            await wait_idle(engine)
+            steps = engine.stats().steps_total - steps_before
+            assert all(n_tokens == tokens for _, n_tokens in results)
+            assert all(n_reads <= tokens for n_reads, _ in results)
+            # Each step's outputs for all 16 streams arrive in one hand-off (per-stream or
+            # per-token hand-offs would be ~16x the steps).
+            assert steps >= tokens
+            assert handoffs <= steps + 2, (handoffs, steps)
+        finally:
+            await engine.shutdown()
+
+    run(main)
+
+
+def test_lost_core_process_fails_streams_and_health(ckpt: Path) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+
+    async def main() -> None:
+        engine = AsyncEngine(config(ckpt))
+        assert isinstance(engine.core, ProcessCore)
+        started = asyncio.Event()
+
+        async def open_stream() -> None:
+            with pytest.raises(EngineDeadError, match="engine process ended"):
+                async for _ in engine.generate("open", [5, 6, 7, 8], params):
+                    started.set()
+
+        task = asyncio.create_task(open_stream())
+        try:
+            await started.wait()
+            os.kill(engine.core._proc.pid, signal.SIGKILL)
+            await asyncio.wait_for(task, timeout=10)
+            assert not engine.stats().healthy and not engine.is_running
+            with pytest.raises(EngineDeadError):
+                engine.check_health(stall_seconds=60)
+            with pytest.raises(EngineDeadError):
+                async for _ in engine.generate("after", [5, 6, 7], params):
+                    pass
+        finally:
+            await engine.shutdown()  # a lost core still shuts down cleanly
 
     run(main)

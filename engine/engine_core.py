@@ -1,0 +1,302 @@
+"""The engine core: the step loop that owns an `LLMEngine`, and the two places it runs.
+
+    ThreadCore   on a thread of the caller's process (the engine object stays reachable)
+    ProcessCore  as the main thread of a process of its own (`EngineConfig.core_process`)
+
+Both take commands (a request to add, a request id to abort, new scheduler knobs) between steps
+and hand each step's outputs back in one `StepReport`, whatever the number of streams.
+
+NOTE: the process is the default because a step runs slower on any thread but a process's main
+one (PyTorch's and our kernels' OpenMP regions: ~1.3-1.5x the time of the same matmul on a
+2-core host) and shares the GIL with the caller's event loop, serialisation and, in a Serve
+replica, Ray's own threads. vLLM's engine core runs apart for the same reasons. The thread stays
+for engines whose tensor-parallel ranks a caller launches itself (as Ray actors in a placement
+group): a child process could not start those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+
+from engine.config import EngineConfig, SchedulerConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import EngineDeadError, EngineStats, RequestOutput, StepFailedError
+from engine.ranks import RankPlacement, WorkerLauncher
+from engine.request_limits import RequestLimits
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_FIT_INTERVAL_S = 0.25  # how often a report carries the latency controller's fit
+
+
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    priority: int
+    continuation: bool
+
+
+Command = AddRequest | str | SchedulerConfig  # a str aborts that request id
+Delivery = tuple[str, RequestOutput | BaseException]
+SHUTDOWN = "__shutdown__"  # to the core process: stop after this step
+
+
+@dataclass
+class StepReport:
+    """What a step (and the commands applied before it) tells the front."""
+
+    delivered: list[Delivery]
+    stats: EngineStats
+    step_end: float  # time.monotonic(): one clock for every process of the host
+    tuning: SchedulerConfig | None = None  # the knobs in force, when a command changed them
+    latency_fit: dict[str, float] | None = None
+    has_fit: bool = False  # latency_fit is fresh (it is sent every _FIT_INTERVAL_S)
+
+
+@dataclass(frozen=True)
+class CoreInfo:
+    """What the front needs of a loaded engine to take requests without asking the core."""
+
+    limits: RequestLimits
+    tuning: SchedulerConfig
+    stats: EngineStats
+
+
+@dataclass
+class CoreLoop:
+    """Applies commands and steps; runs wherever the core runs."""
+
+    engine: LLMEngine
+    _last_fit: float = field(default=0.0)
+
+    def info(self) -> CoreInfo:
+        return CoreInfo(self.engine.limits, self.engine.config.scheduler, self.engine.stats())
+
+    def step(self, commands: list[Command]) -> StepReport:
+        delivered: list[Delivery] = []
+        tuning = None
+        for cmd in commands:
+            if isinstance(cmd, SchedulerConfig):
+                self.engine.reconfigure(cmd)
+                tuning = cmd
+            elif isinstance(cmd, str):
+                if (aborted := self.engine.abort_request(cmd)) is not None:
+                    delivered.append((cmd, aborted))  # ends the stream of an `abort()` caller
+            else:
+                try:
+                    self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.priority, cmd.continuation)
+                except Exception as err:  # noqa: BLE001 - reported to that request's caller
+                    delivered.append((cmd.request_id, err))
+        try:
+            outputs = self.engine.step() if self.engine.has_unfinished else []
+        except EngineDeadError:
+            raise  # a lost tensor-parallel rank cannot be recovered here: the loop dies, health fails
+        except StepFailedError as err:  # one bad step fails its own requests, not the loop
+            log.exception("engine step failed; failing the %d requests it ran", len(err.request_ids))
+            outputs = self.engine.fail_requests(err.request_ids, str(err))
+        except Exception as err:  # noqa: BLE001 - outside the model: which requests it left broken is unknown
+            log.exception("engine step failed outside the model; failing every request")
+            outputs = self.engine.fail_requests(list(self.engine.requests),
+                                                f"engine step failed: {type(err).__name__}: {err}")
+        delivered.extend((out.request_id, out) for out in outputs)
+        now = time.monotonic()
+        report = StepReport(delivered, self.engine.stats(), now, tuning)
+        if tuning is not None or now - self._last_fit > _FIT_INTERVAL_S:
+            report.latency_fit, report.has_fit, self._last_fit = self.engine.latency_fit(), True, now
+        return report
+
+
+Deliver = Callable[[StepReport], None]  # called on the event loop
+Die = Callable[[BaseException], None]  # called on the event loop, once, when the core is lost
+
+
+class ThreadCore:
+    def __init__(self, config: EngineConfig, launcher: WorkerLauncher, placement: RankPlacement) -> None:
+        self.engine = LLMEngine(config, launcher, placement)
+        self.tokenizer = self.engine.tokenizer
+        self._loop = CoreLoop(self.engine)
+        self.info = self._loop.info()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._work = threading.Event()  # set when a command arrives or on close
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop, deliver: Deliver, die: Die) -> None:
+        self._thread = threading.Thread(target=self._run, args=(loop, deliver, die), name="engine-step", daemon=True)
+        self._thread.start()
+
+    def send(self, command: Command) -> None:
+        self._commands.put(command)
+        self._work.set()
+
+    def alive(self) -> bool:
+        return self._thread is None or self._thread.is_alive()
+
+    def check_ranks(self) -> None:
+        self.engine.check_ranks()
+
+    async def aclose(self) -> None:
+        """Stops the thread (after at most a step), then the ranks."""
+        self._stopping = True
+        self._work.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self.engine.shutdown()
+
+    def _run(self, loop: asyncio.AbstractEventLoop, deliver: Deliver, die: Die) -> None:
+        def post(fn: Callable[[Any], None], arg: Any) -> None:
+            if not loop.is_closed():  # a front that never shut down may have closed its loop
+                loop.call_soon_threadsafe(fn, arg)
+
+        try:
+            while not self._stopping:
+                self._work.clear()  # before looking, so a command sent after the look wakes the wait
+                if not self.engine.has_unfinished and self._commands.empty():
+                    self._work.wait()
+                    continue
+                commands = []
+                while not self._commands.empty():
+                    commands.append(self._commands.get())
+                report = self._loop.step(commands)
+                if report.delivered or report.tuning is not None or report.has_fit:
+                    post(deliver, report)
+        except BaseException as err:  # noqa: BLE001 - reported to every stream and to health checks
+            log.exception("engine loop died")
+            post(die, err)
+
+
+# ---- the engine core process ---------------------------------------------------------------------
+class ProcessCore:
+    """Starts `python -m engine.engine_core FD` with one end of a socket pair; messages are
+    pickled both ways (`multiprocessing.connection` framing). The child's stdout and stderr are
+    the caller's (a Serve replica's log)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from engine.tokenizer import Tokenizer  # the front encodes prompts itself
+
+        if config.model is None:
+            from engine.checkpoint import default_model_dir
+            config = config.model_copy(update={"model": str(default_model_dir())})
+        self.tokenizer = Tokenizer.from_dir(config.model, config.chat_template)
+        ours, theirs = socket.socketpair()
+        # The child imports what this process imports, wherever that comes from.
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._proc = subprocess.Popen([sys.executable, "-m", "engine.engine_core", str(theirs.fileno())],
+                                      pass_fds=(theirs.fileno(),), env=env)
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._conn.send(config)
+        try:
+            reply = self._conn.recv()
+        except EOFError:
+            raise EngineDeadError(f"the engine process exited while loading (code {self._proc.wait()})") from None
+        if isinstance(reply, BaseException):
+            self._proc.wait()
+            raise reply
+        self.info: CoreInfo = reply
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop, deliver: Deliver, die: Die) -> None:
+        # NOTE: read on the event loop itself, not a reader thread: one wake-up per report, no
+        # second thread contending for the GIL. A report is small (a few KiB) and sent whole, so
+        # a read that starts never waits long for the rest.
+        self._loop = loop
+        loop.add_reader(self._conn.fileno(), self._read, deliver, die)
+
+    def send(self, command: Command) -> None:
+        try:
+            self._conn.send(command)
+        except OSError as err:  # the process is gone: reading its socket reports that
+            log.debug("engine process unreachable: %s", err)
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def check_ranks(self) -> None:
+        """The core checks its own ranks each step, and exits when one is lost."""
+
+    async def aclose(self) -> None:
+        self._stop_reading()
+        if self.alive():
+            self.send(SHUTDOWN)
+            try:
+                await asyncio.to_thread(self._proc.wait, 30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                await asyncio.to_thread(self._proc.wait)
+        self._conn.close()
+
+    def _stop_reading(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._conn.fileno())
+            self._loop = None
+
+    def _read(self, deliver: Deliver, die: Die) -> None:
+        try:
+            while self._conn.poll():
+                report = self._conn.recv()
+                if isinstance(report, BaseException):
+                    self._stop_reading()
+                    die(report)
+                    return
+                deliver(report)
+        except (EOFError, OSError):
+            self._stop_reading()
+            die(EngineDeadError(f"the engine process ended (exit code {self._proc.poll()})"))
+
+
+def serve(conn: Connection) -> None:
+    """The core process's loop: load, then step while there is work, block on the socket when not."""
+    config: EngineConfig = conn.recv()
+    try:
+        core = CoreLoop(LLMEngine(config))
+    except BaseException as err:  # noqa: BLE001 - the front raises it
+        conn.send(err)
+        return
+    conn.send(core.info())
+    try:
+        while True:
+            commands: list[Command] = []
+            if not core.engine.has_unfinished:
+                commands.append(conn.recv())  # idle: wait for work
+            while conn.poll():
+                commands.append(conn.recv())
+            if SHUTDOWN in commands:
+                break
+            report = core.step(commands)
+            if report.delivered or report.tuning is not None or report.has_fit:
+                conn.send(report)
+    except (EOFError, OSError):
+        pass  # the front is gone
+    except BaseException as err:  # noqa: BLE001 - the front fails every stream with it
+        log.exception("engine loop died")
+        conn.send(EngineDeadError(f"engine loop died: {err!r}"))
+    finally:
+        core.engine.shutdown()
+
+
+if __name__ == "__main__":
+    # NOTE: the front owns this process's life (it ends at the front's shutdown or when the socket
+    # closes): a Ctrl-C in a terminal reaches the whole process group and must not kill a step.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Through the module's real name, so what it pickles names engine.engine_core, not __main__.
+    from engine import engine_core  # noqa: PLW0406
+
+    engine_core.serve(Connection(int(sys.argv[1])))
