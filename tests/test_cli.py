@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pexpect
@@ -69,3 +70,34 @@ def test_console_chat_in_a_terminal(tiny_checkpoint: Path) -> None:
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_console_chat_survives_ctrl_c_and_a_full_context(tiny_checkpoint: Path) -> None:
+    child = pexpect.spawn(CLI[0], [*CLI[1:], "chat", "--model", str(tiny_checkpoint), "--max-tokens", "400",
+                                   "--max-model-len", "1024", "--system", "Be brief."], encoding="utf-8", timeout=120)
+    status = re.compile(r"\[context (\d+) tokens \| (\d+) tokens, time to first token \d+ ms, [\d.]+ tokens/s\]")
+    child.expect("> ")
+    child.sendline("Tell me a long story")
+    time.sleep(0.5)  # mid-answer (400 tokens take seconds here)
+    child.sendintr()
+    child.expect(r"\[interrupted\]")
+    child.expect(status)
+    first_context, interrupted_tokens = int(child.match.group(1)), int(child.match.group(2))
+    assert 0 < interrupted_tokens < 400
+    # The conversation goes on, with the stopped answer in it, and outgrows the context: the
+    # oldest exchanges make room, with a note, instead of failing every later turn.
+    contexts, notes = [], 0
+    for turn in range(6):
+        child.expect("> ")
+        child.sendline(f"Go on with part {turn}")
+        if child.expect([r"dropped the oldest \d+ exchange", status]) == 0:
+            notes += 1
+            child.expect(status)
+        contexts.append(int(child.match.group(1)))
+    assert contexts[0] > first_context + interrupted_tokens // 2
+    assert notes >= 1 and max(contexts) <= 1024 - 400
+    child.expect("> ")
+    child.sendintr()  # Ctrl-C at the prompt leaves, quietly
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and "Traceback" not in (child.before or "")
