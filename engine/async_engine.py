@@ -124,14 +124,21 @@ class AsyncEngine:
         try:
             while not finished:
                 outputs: list[RequestOutput] = []
+                error: BaseException | None = None
                 for item in await stream.take():
                     if isinstance(item, BaseException):
-                        raise item
-                    if item.error is not None:
-                        raise RequestFailedError(item.error)
-                    outputs.append(item)
-                    finished = item.finished
-                yield outputs
+                        error = item
+                    elif item.error is not None:
+                        error = RequestFailedError(item.error)
+                    else:
+                        outputs.append(item)
+                        finished = item.finished
+                        continue
+                    break
+                if outputs:  # what came before a failure in the same read is still the caller's
+                    yield outputs
+                if error is not None:
+                    raise error
         finally:
             self._streams.pop(request_id, None)
             if not finished and self._dead is None:

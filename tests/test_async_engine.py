@@ -11,6 +11,7 @@ import asyncio
 import os
 import random
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,10 +22,10 @@ import torch
 from engine.async_engine import AsyncEngine
 from engine.checkpoint import PRESETS
 from engine.config import EngineConfig
-from engine.engine_core import ProcessCore
+from engine.engine_core import ProcessCore, StepReport
 from engine.llm_engine import LLMEngine
 from engine.model_runner import StepOutput, kv_bytes_per_block
-from engine.outputs import EngineDeadError, RequestError, RequestFailedError, RequestOutput
+from engine.outputs import ChoiceDelta, EngineDeadError, RequestError, RequestFailedError, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq
 
@@ -504,5 +505,32 @@ def test_lost_core_process_fails_streams_and_health(ckpt: Path) -> None:
                     pass
         finally:
             await engine.shutdown()  # a lost core still shuts down cleanly
+
+    run(main)
+
+
+def test_outputs_before_a_failure_in_one_read_still_reach_the_reader(ckpt: Path) -> None:
+    """A reader that fell behind can find a step's output and the next step's failure in one read:
+    it gets the output first, then the error (a token a client was owed is not dropped)."""
+
+    async def main() -> None:
+        engine = AsyncEngine(config(ckpt, core_process=False))
+        engine.start()
+        engine.core.send = lambda command: None  # type: ignore[method-assign] - this test plays the core
+        token = RequestOutput("r", [ChoiceDelta(0, [7], "x")], False, 3, 0, 1)
+        failed = RequestOutput("r", [], False, 3, 0, 1, error="injected device fault")
+        seen: list[RequestOutput] = []
+
+        async def read() -> None:
+            with pytest.raises(RequestFailedError, match="injected device fault"):
+                async for outs in engine.stream("r", [5, 6, 7], SamplingParams(max_tokens=4)):
+                    seen.extend(outs)
+
+        task = asyncio.create_task(read())
+        await asyncio.sleep(0)  # the reader waits on its stream
+        engine._deliver(StepReport([("r", token), ("r", failed)], engine.stats(), time.monotonic()))
+        await asyncio.wait_for(task, timeout=10)
+        assert seen == [token]
+        await engine.shutdown()
 
     run(main)

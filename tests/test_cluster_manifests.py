@@ -26,6 +26,8 @@ def test_cluster_launcher_yaml_matches_rays_schema() -> None:
 
 def test_rayservice_serve_config_is_the_8x7b_config_and_valid(tiny_checkpoint: Path) -> None:
     service = yaml.safe_load((ROOT / "cluster" / "rayservice.yaml").read_text())
+    # Fields KubeRay 1.x ignores would only pretend to give slow loads more time.
+    assert not {"serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold"} & service["spec"].keys()
     assert service["kind"] == "RayService"
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
     shipped = yaml.safe_load((ROOT / "configs" / "mixtral-8x7b-instruct.yaml").read_text())
