@@ -27,16 +27,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from typing import Any
 
+from engine.checkpoint import default_model_dir
 from engine.config import EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import EngineDeadError, EngineStats, RequestOutput, StepFailedError
 from engine.ranks import RankPlacement, WorkerLauncher
 from engine.request_limits import RequestLimits
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +132,8 @@ class ThreadCore:
     def __init__(self, config: EngineConfig, launcher: WorkerLauncher, placement: RankPlacement) -> None:
         self.engine = LLMEngine(config, launcher, placement)
         self.tokenizer = self.engine.tokenizer
-        self._loop = CoreLoop(self.engine)
-        self.info = self._loop.info()
+        self._core = CoreLoop(self.engine)
+        self.info = self._core.info()
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._work = threading.Event()  # set when a command arrives or on close
         self._stopping = False
@@ -173,7 +175,7 @@ class ThreadCore:
                 commands = []
                 while not self._commands.empty():
                     commands.append(self._commands.get())
-                report = self._loop.step(commands)
+                report = self._core.step(commands)
                 if report.delivered or report.tuning is not None or report.has_fit:
                     post(deliver, report)
         except BaseException as err:  # noqa: BLE001 - reported to every stream and to health checks
@@ -188,12 +190,9 @@ class ProcessCore:
     the caller's (a Serve replica's log)."""
 
     def __init__(self, config: EngineConfig) -> None:
-        from engine.tokenizer import Tokenizer  # the front encodes prompts itself
-
-        if config.model is None:
-            from engine.checkpoint import default_model_dir
+        if config.model is None:  # resolved here, so the front and the core read the same folder
             config = config.model_copy(update={"model": str(default_model_dir())})
-        self.tokenizer = Tokenizer.from_dir(config.model, config.chat_template)
+        self.tokenizer = Tokenizer.from_dir(config.model, config.chat_template)  # the front encodes prompts
         ours, theirs = socket.socketpair()
         # The child imports what this process imports, wherever that comes from.
         env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}

@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pexpect
@@ -78,7 +77,8 @@ def test_console_chat_survives_ctrl_c_and_a_full_context(tiny_checkpoint: Path) 
     status = re.compile(r"\[context (\d+) tokens \| (\d+) tokens, time to first token \d+ ms, [\d.]+ tokens/s\]")
     child.expect("> ")
     child.sendline("Tell me a long story")
-    time.sleep(0.5)  # mid-answer (400 tokens take seconds here)
+    child.expect("Tell me a long story\r\n")  # the terminal's echo
+    child.expect(".")  # the answer has begun: 400 tokens take a good fraction of a second here
     child.sendintr()
     child.expect(r"\[interrupted\]")
     child.expect(status)
