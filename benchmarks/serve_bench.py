@@ -20,6 +20,7 @@ from typing import Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from benchmarks.serve_cost import Pricing, gpus_per_tier
 from benchmarks.serve_report import SLO_KEYS, BenchResult, LoadLevel, RunResult, pick_best, print_report, write_outputs
 
 DEFAULT_NUM_REQUESTS = 64
@@ -55,6 +56,7 @@ class BenchConfig(BaseModel):
     out: Path | None = None
     progress: bool = True
     percentile_metrics: list[str] | None = None  # which latency rows a single run's table shows
+    pricing: Pricing | None = None  # $ per 1M tokens in the report (benchmarks/serve_cost.py)
 
     @field_validator("base_url")
     @classmethod
@@ -137,7 +139,8 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
                                       progress=name if config.progress else None)
                 runs.append(summarize(load.records, tier=tier, base_url=url, model=model, load=level,
                                       duration_s=load.duration_s, warmup_failed=load.warmup_failed,
-                                      slo=config.slo, slo_attainment=config.slo_attainment))
+                                      slo=config.slo, slo_attainment=config.slo_attainment,
+                                      pricing=config.pricing))
     result = BenchResult(config=config.model_dump(mode="json", exclude={"api_key"}), runs=runs,
                          best=pick_best(runs) if config.sweep else [])
     if config.out is not None:
@@ -165,6 +168,17 @@ def _pair(text: str) -> tuple[int, int]:
     if not sep:
         raise argparse.ArgumentTypeError(f"expected a:b, got {text!r}")
     return int(lo), int(hi)
+
+
+def _ratio(text: str) -> tuple[float, float]:
+    p, sep, g = text.partition(":")
+    try:
+        ratio = float(p), float(g)
+    except ValueError:
+        ratio = (0.0, 0.0)
+    if not sep or min(ratio) < 0 or sum(ratio) <= 0:
+        raise argparse.ArgumentTypeError(f"expected P:G such as 4:1, got {text!r}")
+    return ratio
 
 
 def _slo(text: str) -> tuple[str, float]:
@@ -242,6 +256,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rep.add_argument("--percentile-metrics", type=_metrics, help="comma-separated rows of the latency table "
                      "(ttft,tpot,itl,e2el; default: all)")
     rep.add_argument("--no-progress", "--disable-tqdm", action="store_true")
+    cost = p.add_argument_group("cost", "$ per 1M tokens from the measured throughput (benchmarks/serve_cost.py)")
+    cost.add_argument("--gpu-hour-usd", type=float, help="price of one GPU-hour; turns the cost columns on")
+    cost.add_argument("--config", type=Path, help="Serve config: each tier's GPUs per replica (deployment.num_gpus)")
+    cost.add_argument("--gpus-per-replica", type=float, default=1.0,
+                      help="GPUs of one replica where --config does not say (a CPU-only machine: 1)")
+    cost.add_argument("--replicas", type=int, default=1, help="replicas serving each tier during the run")
+    cost.add_argument("--price-blend", type=_ratio, default=(4.0, 1.0), metavar="P:G",
+                      help="prompt:generated token ratio of the blended price (default 4:1, chat)")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -255,7 +277,17 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         max_model_len=args.max_model_len, ignore_eos=args.ignore_eos, temperature=args.temperature,
         timeout_s=args.timeout, slo=dict(args.slo) | dict(args.goodput), slo_attainment=args.slo_attainment,
         sweep=args.sweep, out=_out(args), progress=not args.no_progress, percentile_metrics=args.percentile_metrics,
+        pricing=_pricing(args),
     )
+
+
+def _pricing(args: argparse.Namespace) -> Pricing | None:
+    if args.gpu_hour_usd is None:
+        if args.config is not None:
+            raise ValueError("--config prices tiers: give --gpu-hour-usd too")
+        return None
+    return Pricing(gpu_hour_usd=args.gpu_hour_usd, gpus_per_replica=gpus_per_tier(args.config) if args.config else {},
+                   default_gpus=args.gpus_per_replica, replicas=args.replicas, blend=args.price_blend)
 
 
 def _out(args: argparse.Namespace) -> Path | None:

@@ -19,6 +19,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, computed_field, field_serializer
 
+from benchmarks.serve_cost import Cost, Pricing, cost_of
+
 Status = Literal["ok", "failed", "rejected"]
 SLO_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")  # itl_ms: every gap of the request
 PNG_NAMES = ("latency_cdf", "tokens_over_time", "sweep")
@@ -120,6 +122,7 @@ class RunResult(BaseModel):
     slo_attainment: float  # share of issued requests that met every SLO
     meets_slo: bool
     errors: dict[str, int]
+    cost: Cost | None = None  # with --gpu-hour-usd (benchmarks/serve_cost.py)
     timeline: list[TimePoint]
     requests: list[RequestResult]
 
@@ -169,7 +172,8 @@ def _timeline(records: list[RequestResult], duration_s: float) -> list[TimePoint
 
 
 def summarize(records: list[RequestResult], *, tier: str | None, base_url: str, model: str, load: LoadLevel,
-              duration_s: float, warmup_failed: int, slo: dict[str, float], slo_attainment: float) -> RunResult:
+              duration_s: float, warmup_failed: int, slo: dict[str, float], slo_attainment: float,
+              pricing: Pricing | None = None) -> RunResult:
     ok = [r for r in records if r.status == "ok"]
     counts = Counter(r.status for r in records)
     duration = max(duration_s, 1e-9)
@@ -192,6 +196,7 @@ def summarize(records: list[RequestResult], *, tier: str | None, base_url: str, 
         slo=slo, goodput_req_s=good / duration, slo_attainment=attainment,
         meets_slo=bool(records) and attainment >= slo_attainment,
         errors=dict(Counter(r.error for r in records if r.error).most_common(10)),
+        cost=cost_of(records, duration_s, pricing, tier) if pricing is not None else None,
         timeline=_timeline(records, duration_s),
         requests=records,
     )
@@ -233,7 +238,7 @@ def print_report(result: BenchResult) -> None:
     from rich.table import Table
 
     # Piped into a file or CI log, rich would squeeze the tables into 80 columns.
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = Console(width=None if sys.stdout.isatty() else 200)
     if len(result.runs) == 1:
         run = result.runs[0]
         table = Table(title=f"bench serve: {run.base_url} ({run.model}), {_run_name(run)}")
@@ -253,6 +258,11 @@ def print_report(result: BenchResult) -> None:
                          " / ".join(_f(getattr(d, k) if d else None) for k in ("mean", "p50", "p90", "p99"))))
         rows.append((f"goodput req/s ({_slo_text(run.slo)})",
                      f"{_f(run.goodput_req_s, 2)} ({run.slo_attainment:.0%} met)"))
+        if (cost := run.cost) is not None:
+            blend = ":".join(f"{v:g}" for v in result.config["pricing"]["blend"])
+            rows.append((f"$ per 1M tokens: prompt / generated / blended {blend}",
+                         " / ".join(_f(v, 3) for v in (cost.usd_per_m_prompt, cost.usd_per_m_generated,
+                                                        cost.usd_per_m_blended))))
         for row in rows:
             table.add_row(*row)
         console.print(table)
@@ -261,6 +271,9 @@ def print_report(result: BenchResult) -> None:
         for col in ("tier", "load", "ok/fail/rej", "req/s", "out tok/s", "session tok/s", "TTFT p50/p99 ms",
                     "TPOT p50/p99 ms", "ITL p99 ms", "E2E p50 ms", "goodput", "SLO"):
             table.add_column(col, justify="left" if col in ("tier", "load") else "right")
+        priced = result.config.get("pricing") is not None
+        if priced:
+            table.add_column("$/1M prompt/gen/blend", justify="right")
         for run in result.runs:
             ttft, tpot = run.ttft_ms, run.tpot_ms
             table.add_row(
@@ -270,6 +283,8 @@ def print_report(result: BenchResult) -> None:
                 f"{_f(tpot.p50 if tpot else None)}/{_f(tpot.p99 if tpot else None)}",
                 _f(run.itl_ms.p99 if run.itl_ms else None), _f(run.e2e_ms.p50 if run.e2e_ms else None),
                 _f(run.goodput_req_s, 2), "yes" if run.meets_slo else "no",
+                *([" / ".join(_f(v, 3) for v in (run.cost.usd_per_m_prompt, run.cost.usd_per_m_generated,
+                                                  run.cost.usd_per_m_blended))] if priced and run.cost else []),
             )
         console.print(table)
     for run in result.runs:

@@ -199,6 +199,7 @@ class ModelReplica:
             "tier": self.tier,
             "replica_id": serve.get_replica_context().replica_id.unique_id,
             "tuning": self.engine.tuning.model_dump(),
+            "cpu_threads": self.engine.cpu_threads,
             "num_waiting": stats.num_waiting,
             "num_running": stats.num_running,
             "kv_usage": stats.kv_usage,

@@ -68,6 +68,7 @@ class AsyncEngine:
             ProcessCore(config) if config.core_process and not own_ranks else ThreadCore(config, launcher, placement))
         self.tokenizer = self.core.tokenizer
         self._limits = self.core.info.limits
+        self.cpu_threads = self.core.info.cpu_threads
         self._tuning = self.core.info.tuning
         # NOTE: stats() serves the snapshot the core takes after each step: reading a live
         # engine from the event loop would race the step and could mix fields from before and

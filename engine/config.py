@@ -117,9 +117,9 @@ class EngineConfig(_Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     decode_graphs: DecodeGraphConfig = DecodeGraphConfig()
     load_progress: bool = True
-    # Threads a step computes on (CPU). None: PyTorch's default, every core. Fewer leave cores to
-    # other work on the host (a server's front, other replicas); measured on 2 cores, a served
-    # engine on both still beat one left idle for its front (benchmarks/serving_path.py).
+    # Threads a step computes on (CPU). None: every physical core this process may run on, shared
+    # evenly by tensor-parallel ranks; OMP_NUM_THREADS is not read (Ray sets it to 1 in actors that
+    # reserve under one CPU). Fewer leave cores to other work on the host (other replicas).
     cpu_threads: int | None = Field(None, ge=1)
     # The async front (a server's) runs the engine core in a process of its own: a step there runs
     # at the synchronous engine's speed, apart from the server's event loop and its GIL

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+import torch
+
 from engine.checkpoint import default_model_dir
 from engine.config import EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
@@ -78,6 +80,7 @@ class CoreInfo:
     limits: RequestLimits
     tuning: SchedulerConfig
     stats: EngineStats
+    cpu_threads: int  # what the core's steps compute on (engine/host_cpus.py)
 
 
 @dataclass
@@ -88,7 +91,7 @@ class CoreLoop:
     _last_fit: float = field(default=0.0)
 
     def info(self) -> CoreInfo:
-        return CoreInfo(self.engine.limits, self.engine.config.scheduler, self.engine.stats())
+        return CoreInfo(self.engine.limits, self.engine.config.scheduler, self.engine.stats(), torch.get_num_threads())
 
     def step(self, commands: list[Command]) -> StepReport:
         delivered: list[Delivery] = []

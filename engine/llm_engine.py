@@ -52,8 +52,6 @@ class LLMEngine:
         model_dir = Path(config.model)
         self.tokenizer = Tokenizer.from_dir(model_dir, config.chat_template)
         torch.manual_seed(secrets.randbits(63) if config.seed is None else config.seed)
-        if config.cpu_threads is not None:
-            torch.set_num_threads(config.cpu_threads)
         t0 = time.perf_counter()
         world = config.tensor_parallel_size
         tp, self.workers = start_ranks(config, launcher, placement)

@@ -12,6 +12,7 @@ import torch
 from engine.attention import AttentionMetadata, PrefillChunk, resolve_attention_backend
 from engine.config import DecodeGraphConfig, EngineConfig
 from engine.decode_graphs import DecodeGraphs, DecodeInputs
+from engine.host_cpus import step_threads
 from engine.host_memory import keep_freed_memory
 from engine.linear import onednn_bf16_available
 from engine.loader import load_model
@@ -257,6 +258,8 @@ def build_runner(config: EngineConfig, tp: TPGroup, eos_id: int) -> ModelRunner:
     """Loads this rank's model and a KV pool sized from the memory budget (the same on every rank)."""
     model_dir = Path(config.model)
     device = tp.device  # this rank's (engine/parallel.py: rank_device)
+    # Host threads serve CPU steps, and on a GPU the host-side work between kernel launches.
+    torch.set_num_threads(step_threads(config.cpu_threads, tp.world_size))
     if device.type == "cpu":
         keep_freed_memory()
     dtype = resolve_dtype(config, model_dir)

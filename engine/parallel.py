@@ -8,7 +8,6 @@ samples; per step only the batch description is broadcast to the other ranks.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,9 +88,6 @@ def init_group(rank: int, world_size: int, init_method: str, device: torch.devic
         torch.cuda.set_device(device)  # NCCL and every later allocation use this rank's GPU
     if world_size == 1:
         return TPGroup(device=device)
-    if device.type == "cpu":
-        # NOTE: ranks share the host's cores; one rank per core set avoids oversubscription.
-        torch.set_num_threads(max(1, (os.cpu_count() or world_size) // world_size))
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     channel = ShmChannel.open(rank, world_size, dist.group.WORLD) if device.type == "cpu" else None

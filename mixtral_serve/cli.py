@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from benchmarks import engine_bench, serve_bench, serving_path
 from dashboards import commands as dashboard_commands
 from engine.checkpoint import DTYPES, PRESETS, write_checkpoint
+from mixtral_serve import serve_command
 from mixtral_serve.engine_flags import add_engine_flags, engine_config
 
 if TYPE_CHECKING:
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixtral-serve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine start-up details")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the Serve application (OpenAI API per tier) on this machine")
+    serve_command.add_arguments(p)
+    p.set_defaults(func=serve_command.main)
 
     p = sub.add_parser("make-checkpoint", help="write a random-weight Mixtral checkpoint in a real layout")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")

@@ -58,8 +58,8 @@ def add_engine_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] =
                                metavar=None if choices else flag.upper())
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    """The EngineConfig of the flags given (the others keep EngineConfig's defaults)."""
+def given_engine_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine settings given on the command line, nested as EngineConfig's fields."""
     data: dict[str, Any] = {}
     for _, dest, _ in _flags():
         value = getattr(args, dest, None)
@@ -67,4 +67,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             continue
         *section, name = dest.split(".")
         (data.setdefault(section[0], {}) if section else data)[name] = value
-    return EngineConfig.model_validate(data)
+    return data
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The EngineConfig of the flags given (the others keep EngineConfig's defaults)."""
+    return EngineConfig.model_validate(given_engine_flags(args))

@@ -22,10 +22,12 @@ from typing import Any
 import pytest
 import torch
 import uvicorn
+import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from benchmarks.serve_bench import BenchConfig, run_benchmark
+from benchmarks.serve_cost import Pricing, cost_of
 from benchmarks.serve_report import PNG_NAMES, BenchResult, LoadLevel, RequestResult, RunResult, pick_best, summarize
 from engine.async_engine import AsyncEngine
 from engine.checkpoint import PRESETS, write_checkpoint
@@ -319,3 +321,51 @@ def test_vllm_flag_names_run_the_same_benchmark(base_url: str, tmp_path: Path) -
     assert run.slo == {"ttft_ms": 60000, "itl_ms": 0.001}
     assert run.slo_attainment == 0  # no stream keeps every gap under a microsecond
     assert "ITL ms" in done.stdout and "TPOT ms" not in done.stdout  # the rows asked for
+
+
+def test_cost_per_million_tokens_splits_prompt_and_generation() -> None:
+    """Two requests of 100 prompt and 50 generated tokens, a quarter of each request's time before
+    its first token, in one hour on 2 GPUs at $3: $6 in all, $1.50 on 200 prompt tokens."""
+    records = [RequestResult(index=i, start_s=0.0, status="ok", input_tokens=100, output_tokens=50,
+                             ttft_ms=250.0, e2e_ms=1000.0, itl_ms=[15.0] * 49) for i in range(2)]
+    records.append(RequestResult(index=2, start_s=0.0, status="failed", e2e_ms=5.0))  # neither tokens nor time
+    pricing = Pricing(gpu_hour_usd=3.0, gpus_per_replica={"big": 2.0}, blend=(4.0, 1.0))
+    run = summarize(records, tier="big", base_url="u", model="m", duration_s=3600.0, warmup_failed=0,
+                    load=LoadLevel(kind="concurrency", value=2), slo={}, slo_attainment=0.9, pricing=pricing)
+    cost = run.cost
+    assert cost is not None and cost.hour_usd == 6.0 and cost.prompt_share == 0.25
+    assert cost.usd_per_m_prompt == pytest.approx(1.5 / 200 * 1e6)
+    assert cost.usd_per_m_generated == pytest.approx(4.5 / 100 * 1e6)
+    assert cost.usd_per_m_blended == pytest.approx((4 * 7500 + 45000) / 5)
+    # A tier the config does not name is priced at --gpus-per-replica, times the replicas.
+    other = Pricing(gpu_hour_usd=3.0, default_gpus=1.0, replicas=2)
+    assert cost_of(records, 3600.0, other, "small").hour_usd == 6.0
+
+
+def test_cli_prices_each_tier_from_the_config_and_falls_with_load(base_url: str, tmp_path: Path) -> None:
+    config = tmp_path / "gpu.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{"name": "m", "import_path": "deployments.app:build_app", "args": {
+        "default_tier": "alpha", "tiers": {"alpha": {"deployment": {"num_gpus": 4}},
+                                           "beta": {"deployment": {"num_gpus": 1}}}}}]}))
+    out = tmp_path / "priced.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "mixtral_serve.cli", "bench", "serve", "--base-url", base_url, "--tier", "alpha,beta",
+         "--sweep", "concurrency=1,4", "--num-requests", "8", "--input-len", "16", "--output-len", "8", "--warmup", "1",
+         "--gpu-hour-usd", "2.5", "--config", str(config), "--price-blend", "3:1", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "$/1M prompt/gen/blend" in done.stdout
+    result = BenchResult.model_validate_json(out.read_text())
+    hours = {run.tier: run.cost.hour_usd for run in result.runs if run.cost}
+    assert hours == {"alpha": 10.0, "beta": 2.5}
+    for tier in ("alpha", "beta"):
+        light, heavy = (r.cost for r in result.runs if r.tier == tier)
+        assert light and heavy and light.usd_per_m_blended and heavy.usd_per_m_blended
+        assert heavy.usd_per_m_blended < light.usd_per_m_blended  # four users share the same hour
+    cpu_only = config.with_name("cpu.yaml")
+    cpu_only.write_text(config.read_text().replace("num_gpus: 4", "num_gpus: 0"))
+    refused = subprocess.run(
+        [sys.executable, "-m", "mixtral_serve.cli", "bench", "serve", "--base-url", base_url, "--gpu-hour-usd", "1",
+         "--config", str(cpu_only)], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "reserves no GPU" in refused.stderr

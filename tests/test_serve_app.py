@@ -29,6 +29,8 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 from ray.dashboard.modules.serve.sdk import ServeSubmissionClient  # noqa: E402
 
+from engine.host_cpus import physical_cores  # noqa: E402
+
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "local.yaml"
 APP = "mixtral"
 TIERS = ("latency", "throughput", "fixed-latency")
@@ -133,6 +135,12 @@ def test_health_and_models(app: App) -> None:
         models = app.openai(tier).models.with_raw_response.list()
         assert [m.id for m in models.parse().data] == [MODEL]
         assert models.headers["x-tier"] == (tier or "latency")  # /v1 = the default tier
+
+
+def test_replica_engines_compute_on_the_hosts_cores(app: App) -> None:
+    """Every tier reserves 0.2 CPU, for which Ray sets OMP_NUM_THREADS=1 in the replica; its engine
+    core still steps on every core (one thread halved the bench checkpoint's decode speed)."""
+    assert {tier: app.stats(tier)["cpu_threads"] for tier in TIERS} == {tier: physical_cores() for tier in TIERS}
 
 
 @pytest.mark.parametrize("tier", TIERS)

@@ -1,0 +1,139 @@
+"""`mixtral-serve serve`: flags laid over the config, and a real run from start to SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import requests
+import yaml
+
+from mixtral_serve.cli import build_parser
+from mixtral_serve.serve_command import DEFAULT_CONFIG, overridden
+
+MODEL = "mixtral-tiny"
+
+
+def _args(*flags: str):
+    return build_parser().parse_args(["serve", *flags])
+
+
+def _tiers(config: dict) -> dict:
+    return config["applications"][0]["args"]["tiers"]
+
+
+def test_flags_override_the_file_without_editing_it(tmp_path: Path) -> None:
+    original = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config = overridden(original, _args(
+        "--model", str(tmp_path), "--port", "9001", "--host", "0.0.0.0", "--tier", "throughput,latency",
+        "--dtype", "bfloat16", "--max-num-seqs", "7", "--kv-cache-bytes", "8MiB", "--served-model-name", "m"))
+    args = config["applications"][0]["args"]
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 9001}
+    assert args["model"] == str(tmp_path.resolve()) and args["served_model_name"] == "m"
+    assert list(args["tiers"]) == ["throughput", "latency"]
+    assert args["default_tier"] == "latency"  # still served, so still the default
+    for tier in args["tiers"].values():
+        assert tier["engine"]["dtype"] == "bfloat16"
+        assert tier["engine"]["cache"]["kv_cache_bytes"] == 8 << 20
+        assert tier["tuning"]["max_num_seqs"] == 7
+    assert _tiers(original)["throughput"]["tuning"]["max_num_seqs"] == 64  # the file's dict is untouched
+
+
+def test_dropping_the_default_tier_makes_the_first_kept_one_the_default() -> None:
+    config = overridden(yaml.safe_load(DEFAULT_CONFIG.read_text()), _args("--tier", "fixed-latency"))
+    assert config["applications"][0]["args"]["default_tier"] == "fixed-latency"
+    assert list(_tiers(config)) == ["fixed-latency"]
+
+
+def test_bad_flags_are_one_line_errors_before_ray_starts(tmp_path: Path) -> None:
+    for flags, message in ((["--tier", "nope"], "--tier 'nope' is not in"),
+                           (["--model", str(tmp_path / "missing")], "does not exist"),
+                           (["--max-num-seqs", "0"], "max_num_seqs")):
+        out = subprocess.run([sys.executable, "-m", "mixtral_serve.cli", "serve", *flags],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stderr
+        assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Output:
+    """A child's merged output, read on a thread so its pipe never fills."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(process,), daemon=True)
+        self._thread.start()
+
+    def _read(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, needle: str, process: subprocess.Popen[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text:
+            assert process.poll() is None, f"exited {process.returncode}:\n{self.text[-4000:]}"
+            assert time.monotonic() < deadline, f"no {needle!r} in {timeout:.0f} s:\n{self.text[-4000:]}"
+            time.sleep(0.2)
+
+    def join(self) -> None:
+        self._thread.join(timeout=30)
+
+
+def test_serve_runs_answers_exports_metrics_and_stops_on_sigterm() -> None:
+    http, metrics, dashboard = _free_port(), _free_port(), _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mixtral_serve.cli", "serve", "--tier", "latency", "--port", str(http),
+         "--metrics-port", str(metrics), "--dashboard-port", str(dashboard), "--max-num-seqs", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    output = _Output(process)
+    try:
+        output.wait_for("stop         Ctrl-C or SIGTERM", process, timeout=300)
+        assert f"http://127.0.0.1:{http}/v1  (tier latency)" in output.text
+        assert f"http://127.0.0.1:{metrics}/metrics" in output.text
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http}/v1", api_key="none", max_retries=0)
+        answer = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0)
+        assert answer.usage.completion_tokens == 5
+        stats = requests.get(f"http://127.0.0.1:{http}/latency/stats", timeout=30).json()
+        assert stats["tuning"]["max_num_seqs"] == 3  # the flag reached the replica
+        assert requests.get(f"http://127.0.0.1:{http}/throughput/v1/models", timeout=30).status_code == 404
+
+        # The status command exactly as printed (with the auth setting Ray chose, if any).
+        command = next(line for line in output.lines if line.lstrip().startswith("status ")).split(None, 1)[1]
+        status = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and "RUNNING" in status.stdout, status.stdout + status.stderr
+
+        # The replica's own metric reaches the fixed port (Ray exports every 10 s by default).
+        deadline = time.monotonic() + 60
+        while "mixtral_request_success_total" not in (body := requests.get(
+                f"http://127.0.0.1:{metrics}/metrics", timeout=30).text):
+            assert time.monotonic() < deadline, body[-2000:]
+            time.sleep(1)
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0, output.text[-4000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        output.join()
+    text = output.text
+    assert "mixtral-serve: stopping" in text
+    assert "SIGTERM received" not in text and "Traceback" not in text, text[-4000:]
