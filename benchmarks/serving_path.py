@@ -35,9 +35,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+import configs
 from benchmarks.serve_bench import BenchConfig, run_benchmark
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 _BIN = Path(sys.executable).parent  # Ray's `serve` and `ray` commands, installed beside this python
 
 
@@ -231,7 +231,7 @@ def print_table(rows: list[PathResult]) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="checkpoint folder (Hugging Face layout for vLLM)")
-    p.add_argument("--config", type=Path, default=REPO_CONFIGS / "local.yaml",
+    p.add_argument("--config", type=Path, default=configs.LOCAL,
                    help="Serve config: its --tier's engine and tuning are used by every path")
     p.add_argument("--tier", default="throughput")
     p.add_argument("--dtype", help="override the tier's engine dtype (every path)")

@@ -5,23 +5,29 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import configs
 from dashboards import build
 from dashboards.push import DEFAULT_PROMETHEUS_URL, Credential, push
-from dashboards.tiers import DEFAULT_CONFIG
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     commands = sub.add_parser("dashboards", help="Grafana dashboards and Prometheus rules").add_subparsers(
         dest="dashboards", required=True)
 
-    p = commands.add_parser("build", help="regenerate the dashboards' JSON and the Prometheus rules")
-    _config_argument(p)
-    p.add_argument("--out", type=Path, default=build.JSON_DIR, help="folder for the dashboards' JSON")
-    p.add_argument("--rules", type=Path, default=build.RULES_FILE, help="Prometheus rules file to write")
+    p = commands.add_parser("build", help="write the dashboards' JSON and the Prometheus rules (in the working "
+                                          "directory unless told where)")
+    p.add_argument("--config", type=Path, action="append",
+                   help="Serve config (repeat for several): the dashboards show the first one's tiers and targets, "
+                        "each gets its own rules file (default: every shipped config, local.yaml first)")
+    p.add_argument("--out", type=Path, default=build.JSON_DIR, help="folder for the dashboards' JSON "
+                                                                    "(default: %(default)s)")
+    p.add_argument("--rules-dir", type=Path, default=build.RULES_DIR,
+                   help="folder for the rules files, one <config name>.yml per config (default: %(default)s)")
     p.set_defaults(func=cmd_build)
 
     p = commands.add_parser("push", help="upload the dashboards (and a Prometheus datasource) to Grafana")
-    _config_argument(p)
+    p.add_argument("--config", type=Path, default=configs.LOCAL,
+                   help="Serve config whose tiers and latency targets the dashboards show (default: %(default)s)")
     p.add_argument("--grafana-url", required=True, help="e.g. http://grafana:3000")
     auth = p.add_mutually_exclusive_group()
     auth.add_argument("--token", help="a Grafana service account token")
@@ -33,13 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_push)
 
 
-def _config_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                   help="Serve config whose tiers and latency targets the dashboards show (default: %(default)s)")
-
-
 def cmd_build(args: argparse.Namespace) -> None:
-    for path in build.write(args.config, args.out, args.rules):
+    for path in build.write(args.config or configs.shipped(), args.out, args.rules_dir):
         print(f"wrote {path}")
 
 

@@ -1,4 +1,4 @@
-"""Prometheus recording and alerting rules for a mixtral-serve deployment (`cluster/prometheus-rules.yml`).
+"""Prometheus recording and alerting rules for a mixtral-serve deployment (`cluster/prometheus-rules/`).
 
 Built from the same config and PromQL builders as the dashboards: the SLO rules read the
 histogram bucket at each tier's target, which exists because the replicas add every tier's

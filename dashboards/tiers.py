@@ -10,7 +10,6 @@ import yaml
 from deployments import metrics as m
 from deployments.config import TierConfig
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "local.yaml"
 BUILD_APP = "deployments.app:build_app"
 
 

@@ -7,6 +7,7 @@ configuration (the engine's own types, embedded in the tier's). Errors name the 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from ray.serve import Application
@@ -39,8 +40,15 @@ def validate(args: dict[str, Any]) -> tuple[AppConfig, ModelConfig]:
 # under one GIL. With the engine core in its own process a replica's loop has little else to do; one
 # loop per process took a unary router -> replica call from ~15-25 to ~11-15 ms, and one stream's
 # first token from ~32 to ~24 ms, on two cores (Ray's documented switches, per deployment).
-_ONE_LOOP = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-                          "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}}
+_ONE_LOOP = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+# NOTE: Serve 2.60 marks the autoscaling config's `metrics_interval_s` deprecated in favour of these
+# variables, yet still reads only the field (replica, handle and controller). We pass both, so a
+# tier's push interval holds on the Serve of today and of tomorrow, and silence the warning that
+# would otherwise greet every deployment with a field we cannot yet drop.
+_REPLICA_PUSH_S = "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"
+_HANDLE_PUSH_S = "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"  # the router holds the tiers' handles
+_DEPRECATED_INTERVAL = r"The `metrics_interval_s` field in AutoscalingConfig is deprecated"
 
 
 def _placement(tier: TierConfig) -> dict[str, Any]:
@@ -48,7 +56,8 @@ def _placement(tier: TierConfig) -> dict[str, Any]:
     (the replica takes bundle 0, its rank actors the others; see deployments/tp_workers.py)."""
     dep, tp = tier.deployment, tier.engine.tensor_parallel_size
     per_rank = {"num_cpus": dep.num_cpus / tp, "num_gpus": dep.num_gpus / tp}
-    options = per_rank | {"runtime_env": _ONE_LOOP}
+    env = _ONE_LOOP | {_REPLICA_PUSH_S: str(tier.autoscaling.metrics_interval_s)}
+    options = per_rank | {"runtime_env": {"env_vars": env}}
     if tp == 1:
         return {"ray_actor_options": options}
     bundle = {"CPU": per_rank["num_cpus"]} | ({"GPU": per_rank["num_gpus"]} if dep.num_gpus else {})
@@ -71,16 +80,19 @@ def build_app(args: dict[str, Any]) -> Application:
         # on its own node. The scheduler knobs travel once, as user_config (`reconfigure`).
         engine = tier.engine.model_copy(update={"model": model_dir and str(model_dir), "load_progress": False})
         dep = tier.deployment
-        handles[name] = ModelReplica.options(
-            name=name,
-            autoscaling_config=tier.autoscaling.serve_config(),
-            user_config=tier.tuning.model_dump(mode="json"),
-            **_placement(tier),
-            max_ongoing_requests=dep.max_ongoing_requests,
-            health_check_period_s=dep.health_check_period_s,
-            health_check_timeout_s=dep.health_check_timeout_s,
-            graceful_shutdown_timeout_s=dep.graceful_shutdown_timeout_s,
-        ).bind(name, engine, dep.engine_stall_s, dep.graceful_shutdown_timeout_s, buckets)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", _DEPRECATED_INTERVAL, DeprecationWarning)
+            deployment = ModelReplica.options(
+                name=name,
+                autoscaling_config=tier.autoscaling.serve_config(),
+                user_config=tier.tuning.model_dump(mode="json"),
+                **_placement(tier),
+                max_ongoing_requests=dep.max_ongoing_requests,
+                health_check_period_s=dep.health_check_period_s,
+                health_check_timeout_s=dep.health_check_timeout_s,
+                graceful_shutdown_timeout_s=dep.graceful_shutdown_timeout_s,
+            )
+        handles[name] = deployment.bind(name, engine, dep.engine_stall_s, dep.graceful_shutdown_timeout_s, buckets)
     context = model_config.max_position_embeddings
     settings = RouterSettings(
         served_model_name=config.served_model_name or (model_dir or default_model_dir()).name,
@@ -94,6 +106,7 @@ def build_app(args: dict[str, Any]) -> Application:
     return Router.options(
         name=ROUTER_DEPLOYMENT,
         num_replicas=router.num_replicas,
-        ray_actor_options={"num_cpus": router.num_cpus, "runtime_env": _ONE_LOOP},
+        ray_actor_options={"num_cpus": router.num_cpus, "runtime_env": {"env_vars": _ONE_LOOP | {
+            _HANDLE_PUSH_S: str(min(t.autoscaling.metrics_interval_s for t in config.tiers.values()))}}},
         max_ongoing_requests=router.max_ongoing_requests,
     ).bind(handles, settings)

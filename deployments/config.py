@@ -54,8 +54,8 @@ class TierAutoscaling(_Strict):
     upscaling_factor: float | None = Field(None, gt=0)
     downscaling_factor: float | None = Field(None, gt=0)
     # How often replicas push their queue signal, and the window it is averaged over.
-    # NOTE: Serve 2.60 marks metrics_interval_s deprecated (future: an environment variable) but
-    # still pushes replica stats at this interval; its default of 10 s reacts too slowly.
+    # Serve's default of 10 s reacts too slowly. (Deprecated in Serve 2.60 for environment
+    # variables, which deployments/app.py sets too.)
     metrics_interval_s: float = Field(2.0, gt=0)
     look_back_period_s: float = Field(10.0, gt=0)
 

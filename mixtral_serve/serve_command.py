@@ -22,10 +22,10 @@ from typing import Any
 
 import yaml
 
+import configs
 from engine.config import EngineConfig
 from mixtral_serve.engine_flags import add_engine_flags, given_engine_flags
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
 _OUR_APP = "deployments.app:build_app"
 # NOTE: Prometheus' examples and Ray's docs use 8080; it must lie outside Ray's worker port range
 # (10002-19999), or a worker may take it first.
@@ -34,7 +34,7 @@ _DEPLOY_TIMEOUT_S = 900.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+    p.add_argument("--config", type=Path, default=configs.LOCAL,
                    help="Serve config file (default: configs/local.yaml, three tiers on the embedded model)")
     p.add_argument("--host", help="HTTP host (overrides http_options.host)")
     p.add_argument("--port", type=int, help="HTTP port (overrides http_options.port)")

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+import configs
 from dashboards import build, promql
-from dashboards.tiers import DEFAULT_CONFIG, load_tiers
+from dashboards.tiers import load_tiers
 from deployments import metrics as m
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = configs.shipped()
 
 # Words in a PromQL expression that are neither functions (followed by "(") nor metric names.
 _KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "bool",
@@ -42,7 +43,7 @@ def metric_names(expr: str) -> set[str]:
 def dashboard_queries() -> list[tuple[str, str]]:
     """(where, expr) of every query of every committed dashboard, variables included."""
     queries = []
-    for path in sorted(build.JSON_DIR.glob("*.json")):
+    for path in sorted((ROOT / build.JSON_DIR).glob("*.json")):
         dashboard = json.loads(path.read_text())
         for panel in dashboard["panels"]:
             for target in panel.get("targets", []):
@@ -55,17 +56,19 @@ def dashboard_queries() -> list[tuple[str, str]]:
     return queries
 
 
-def rules_queries() -> list[tuple[str, str]]:
-    groups = yaml.safe_load(build.RULES_FILE.read_text())["groups"]
+def rules_queries(config: Path = configs.LOCAL) -> list[tuple[str, str]]:
+    groups = yaml.safe_load((ROOT / build.rules_file(config)).read_text())["groups"]
     return [(rule.get("record") or rule["alert"], rule["expr"]) for g in groups for rule in g["rules"]]
 
 
 def test_generated_files_are_up_to_date() -> None:
-    stale = [str(path.relative_to(ROOT)) for path, text in build.render(DEFAULT_CONFIG).items()
-             if not path.exists() or path.read_text() != text]
-    assert not stale, f"{stale} differ from the generators: run `mixtral-serve dashboards build`"
-    built = {f"{d.uid}.json" for d in build.dashboards(DEFAULT_CONFIG)}
-    assert {p.name for p in build.JSON_DIR.glob("*.json")} == built
+    files = build.render(CONFIGS)
+    stale = [str(path) for path, text in files.items()
+             if not (ROOT / path).exists() or (ROOT / path).read_text() != text]
+    assert not stale, f"{stale} differ from the generators: run `mixtral-serve dashboards build` in the repository"
+    built = {f"{d.uid}.json" for d in build.dashboards(configs.LOCAL)}
+    assert {p.name for p in (ROOT / build.JSON_DIR).glob("*.json")} == built
+    assert {p.name for p in (ROOT / build.RULES_DIR).glob("*.yml")} == {f"{c.stem}.yml" for c in CONFIGS}
 
 
 def test_metric_name_parser() -> None:
@@ -90,28 +93,47 @@ def test_dashboards_query_only_defined_metrics() -> None:
     assert not unused, f"metrics no panel shows: {sorted(unused)}"
 
 
-def test_rules_query_only_defined_metrics() -> None:
-    recorded = {name for name, _ in rules_queries() if ":" in name}
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_rules_query_only_defined_metrics(config: Path) -> None:
+    recorded = {name for name, _ in rules_queries(config) if ":" in name}
     defined = m.exported_series() | recorded
-    for name, expr in rules_queries():
+    for name, expr in rules_queries(config):
         assert metric_names(expr) <= defined, f"{name}: undefined {sorted(metric_names(expr) - defined)}"
 
 
-def test_slo_queries_read_existing_buckets() -> None:
-    """An `le` a query names must be a bucket the replicas create, or the panel stays empty."""
-    tiers = load_tiers(DEFAULT_CONFIG)
+def _bucket_bounds(queries: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """(where, histogram, le) of every bucket a query names."""
+    return [(where, name, le) for where, expr in queries
+            for name, le in re.findall(r'(\w+)_bucket\{[^}]*le="([^"]+)"', expr)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_slo_queries_read_existing_buckets(config: Path) -> None:
+    """An `le` a query names must be a bucket the replicas of that config create, or the
+    panel stays empty and the alert can never fire: every shipped rules file is checked against
+    the config it was built from."""
+    tiers = load_tiers(config)
     buckets = m.histogram_buckets(t.targets for t in tiers)
-    checked = 0
-    for where, expr in dashboard_queries() + rules_queries():
-        for name, le in re.findall(r'(\w+)_bucket\{[^}]*le="([^"]+)"', expr):
-            spec = next(s for s in m.CATALOG if s.exported == name)
-            assert le in {m.le_label(b) for b in buckets[spec.name]}, f"{where}: no bucket le={le} in {name}"
-            checked += 1
-    assert checked == 2 * sum(len(t.targets) for t in tiers)  # one dashboard panel and one rule per target
+    queries = rules_queries(config) + (dashboard_queries() if config == configs.LOCAL else [])
+    checked = _bucket_bounds(queries)
+    for where, name, le in checked:
+        spec = next(s for s in m.CATALOG if s.exported == name)
+        assert le in {m.le_label(b) for b in buckets[spec.name]}, f"{config.name}: {where}: no bucket le={le} in {name}"
+    panels = 1 if config == configs.LOCAL else 0
+    assert len(checked) == (1 + panels) * sum(len(t.targets) for t in tiers)  # a rule (and a panel) per target
+
+
+def test_rules_of_one_config_name_buckets_another_lacks() -> None:
+    """Why the rules are per config: local.yaml's TTFT bound is not an 8x7B bucket."""
+    gpu = ROOT / "configs" / "mixtral-8x7b-instruct.yaml"
+    gpu_buckets = m.histogram_buckets(t.targets for t in load_tiers(gpu))
+    foreign = [(name, le) for _, name, le in _bucket_bounds(rules_queries(configs.LOCAL))
+               if le not in {m.le_label(b) for b in gpu_buckets[next(s.name for s in m.CATALOG if s.exported == name)]}]
+    assert foreign
 
 
 def test_layout_and_variables() -> None:
-    for path in build.JSON_DIR.glob("*.json"):
+    for path in (ROOT / build.JSON_DIR).glob("*.json"):
         dashboard = json.loads(path.read_text())
         cells: set[tuple[int, int]] = set()
         for panel in dashboard["panels"]:
@@ -130,13 +152,13 @@ def test_layout_and_variables() -> None:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_every_shipped_config_builds(config: Path, tmp_path: Path) -> None:
-    files = build.write(config, tmp_path / "json", tmp_path / "rules.yml")
+    files = build.write([config], tmp_path / "json", tmp_path / "rules")
     targets = [t for t in load_tiers(config) if t.targets]
     overview = json.loads(files[0].read_text())
     slo_titles = [p["title"] for p in overview["panels"] if p["type"] == "stat"]
     assert len(slo_titles) == sum(len(t.targets) for t in targets)
     if shutil.which("promtool"):
-        check = subprocess.run(["promtool", "check", "rules", str(tmp_path / "rules.yml")], capture_output=True,
+        check = subprocess.run(["promtool", "check", "rules", str(files[-1])], capture_output=True,
                                text=True, timeout=60)
         assert check.returncode == 0, check.stdout + check.stderr
 
@@ -145,7 +167,7 @@ def test_promtool_accepts_the_cluster_config_and_rules() -> None:
     if shutil.which("promtool") is None:
         pytest.skip("promtool not installed (.ci/run installs Debian's prometheus package)")
     for args in (["check", "config", str(ROOT / "cluster" / "prometheus.yml")],
-                 ["check", "rules", str(build.RULES_FILE)]):
+                 ["check", "rules", *(str(ROOT / build.rules_file(c)) for c in CONFIGS)]):
         check = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
         assert check.returncode == 0, check.stdout + check.stderr
         assert "SUCCESS" in check.stdout + check.stderr

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None,
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "local.yaml"
+RULES = ROOT / build.rules_file(CONFIG)  # the rules shipped for that config
 APP = "mixtral"
 TIERS = ("latency", "throughput", "fixed-latency")
 MODEL = "mixtral-tiny"
@@ -66,7 +67,7 @@ def start_prometheus(tmp: Path, metrics_port: int) -> tuple[subprocess.Popen[byt
     port = free_port()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(build.RULES_FILE)],
+        "rule_files": [str(RULES)],
         "scrape_configs": [{"job_name": "ray", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
     }
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -276,7 +277,7 @@ def test_rules_evaluate_with_data(stack: Stack, traffic: float) -> None:
         if not empty or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert len(rules) == sum(len(g["rules"]) for g in yaml.safe_load(build.RULES_FILE.read_text())["groups"])
+    assert len(rules) == sum(len(g["rules"]) for g in yaml.safe_load(RULES.read_text())["groups"])
     unhealthy = {rule["name"]: rule.get("lastError") for rule in rules if rule["health"] != "ok"}
     assert not unhealthy, unhealthy
     print(f"\n{len(rules)} rules healthy; {len(recorded) - len(empty)} of {len(recorded)} recorded series have data")

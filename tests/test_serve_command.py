@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 
 import openai
+import pytest
 import requests
 import yaml
 
+import configs
 from mixtral_serve.cli import build_parser
-from mixtral_serve.serve_command import DEFAULT_CONFIG, overridden
+from mixtral_serve.serve_command import overridden
 
 MODEL = "mixtral-tiny"
 
@@ -30,7 +32,7 @@ def _tiers(config: dict) -> dict:
 
 
 def test_flags_override_the_file_without_editing_it(tmp_path: Path) -> None:
-    original = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    original = yaml.safe_load(configs.LOCAL.read_text())
     config = overridden(original, _args(
         "--model", str(tmp_path), "--port", "9001", "--host", "0.0.0.0", "--tier", "throughput,latency",
         "--dtype", "bfloat16", "--max-num-seqs", "7", "--kv-cache-bytes", "8MiB", "--served-model-name", "m"))
@@ -47,7 +49,7 @@ def test_flags_override_the_file_without_editing_it(tmp_path: Path) -> None:
 
 
 def test_dropping_the_default_tier_makes_the_first_kept_one_the_default() -> None:
-    config = overridden(yaml.safe_load(DEFAULT_CONFIG.read_text()), _args("--tier", "fixed-latency"))
+    config = overridden(yaml.safe_load(configs.LOCAL.read_text()), _args("--tier", "fixed-latency"))
     assert config["applications"][0]["args"]["default_tier"] == "fixed-latency"
     assert list(_tiers(config)) == ["fixed-latency"]
 
@@ -85,9 +87,9 @@ class _Output:
     def text(self) -> str:
         return "".join(self.lines)
 
-    def wait_for(self, needle: str, process: subprocess.Popen[str], timeout: float) -> None:
+    def wait_for(self, needle: str, process: subprocess.Popen[str], timeout: float, count: int = 1) -> None:
         deadline = time.monotonic() + timeout
-        while needle not in self.text:
+        while self.text.count(needle) < count:
             assert process.poll() is None, f"exited {process.returncode}:\n{self.text[-4000:]}"
             assert time.monotonic() < deadline, f"no {needle!r} in {timeout:.0f} s:\n{self.text[-4000:]}"
             time.sleep(0.2)
@@ -119,6 +121,16 @@ def test_serve_runs_answers_exports_metrics_and_stops_on_sigterm() -> None:
         command = next(line for line in output.lines if line.lstrip().startswith("status ")).split(None, 1)[1]
         status = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and "RUNNING" in status.stdout, status.stdout + status.stderr
+
+        # Clients that leave mid-answer, streaming and not: one info line each, no traceback (checked
+        # below over the whole output, which carries the router's and replicas' logs).
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2000, "ignore_eos": True}
+        with requests.post(f"http://127.0.0.1:{http}/v1/completions", json=body | {"stream": True}, stream=True,
+                           timeout=60) as streamed:
+            next(streamed.iter_lines())
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(f"http://127.0.0.1:{http}/v1/completions", json=body, timeout=0.5)
+        output.wait_for("disconnected", process, timeout=60, count=2)
 
         # The replica's own metric reaches the fixed port (Ray exports every 10 s by default).
         deadline = time.monotonic() + 60

@@ -7,13 +7,14 @@ import copy
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from deployments.app import validate
+from deployments.app import build_app, validate
 from deployments.autoscaling import QueueDepthPolicy
 from deployments.config import AppConfig
 from engine.config import EngineConfig
@@ -48,6 +49,23 @@ def test_local_config_builds_three_tiers() -> None:
     assert model.hidden_size == 128  # the embedded tiny checkpoint
     for tier in config.tiers.values():  # fractional CPUs: all tiers can scale on 2 cores
         assert tier.deployment.num_cpus * tier.autoscaling.max_replicas * 3 <= 2
+
+
+def test_push_interval_reaches_serve_both_ways_without_a_deprecation_warning() -> None:
+    """Serve 2.60 reads `metrics_interval_s` from the autoscaling config and deprecates it for
+    environment variables: the app sets both, and building it warns of nothing."""
+    args = app_args("local.yaml")
+    intervals = {name: tier["autoscaling"]["metrics_interval_s"] for name, tier in args["tiers"].items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        router = build_app(args)._bound_deployment
+    router_env = router.ray_actor_options["runtime_env"]["env_vars"]
+    assert float(router_env["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"]) == min(intervals.values())
+    for name, handle in router.init_args[0].items():
+        replica = handle._bound_deployment
+        env = replica.ray_actor_options["runtime_env"]["env_vars"]
+        assert float(env["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"]) == intervals[name]
+        assert replica._deployment_config.autoscaling_config.metrics_interval_s == intervals[name]
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
