@@ -8,6 +8,7 @@ types and bounds from `SamplingParams` itself, so the API and the engine cannot 
 
 from __future__ import annotations
 
+import json
 import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployments.errors import OpenAIError
 from engine.sampling_params import SamplingParams
+from engine.structured_output import StructuredOutput
 
 
 def _engine_type(name: str) -> Any:
@@ -28,6 +30,34 @@ def _engine_type(name: str) -> Any:
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")  # `schema` shadows BaseModel's
+    strict: bool | None = None  # the grammar enforces the schema either way
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` request object (the fields it shares with us)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class _SamplingFields(BaseModel):
@@ -54,10 +84,50 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     priority: int = 0  # lower runs first on tiers whose scheduler policy is "priority"
+    # Structured outputs: OpenAI's response_format, and vLLM's older guided_* and newer
+    # structured_outputs forms of the same constraint (one of them per request).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def _structured_output(self) -> StructuredOutput | None:
+        """The request's output constraint, validated (a 400 naming the parameter otherwise)."""
+        given: dict[str, dict[str, Any]] = {}
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            given["response_format"] = {"json_object": True}
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise OpenAIError(400, "response_format json_schema needs its json_schema object",
+                                  param="response_format")
+            given["response_format"] = {"json_schema": fmt.json_schema.json_schema}
+        if self.structured_outputs is not None:
+            fields = self.structured_outputs.model_dump(exclude_none=True, by_alias=True)
+            if "json" in fields:
+                fields["json_schema"] = _schema(fields.pop("json"), "structured_outputs")
+            given["structured_outputs"] = fields
+        for name, key in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                          ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                given[name] = {key: _schema(value, name) if name == "guided_json" else value}
+        if not given:
+            return None
+        if len(given) > 1:
+            raise OpenAIError(400, f"give one output constraint, not {' and '.join(given)}", param=list(given)[1])
+        (param, fields), = given.items()
+        try:
+            return StructuredOutput.model_validate(fields)
+        except ValidationError as err:
+            message = str(err.errors()[0]["msg"]).removeprefix("Value error, ")
+            raise OpenAIError(400, f"{param}: {message}", param=param) from None
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         if self.logit_bias:
@@ -81,6 +151,7 @@ class _SamplingFields(BaseModel):
             "ignore_eos": self.ignore_eos,
             "logprobs": logprobs,
             "skip_special_tokens": self.skip_special_tokens,
+            "structured_output": self._structured_output(),
         }
         # Unset fields keep the engine's defaults (which are OpenAI's).
         try:
@@ -89,6 +160,19 @@ class _SamplingFields(BaseModel):
             first = err.errors()[0]
             param = str(first["loc"][0]) if first["loc"] else None
             raise OpenAIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+
+
+def _schema(value: dict[str, Any] | str, param: str) -> dict[str, Any]:
+    """A JSON schema given as an object or as its JSON text (vLLM accepts both)."""
+    if isinstance(value, dict):
+        return value
+    try:
+        schema = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise OpenAIError(400, f"{param}: not a JSON schema: {err}", param=param) from None
+    if not isinstance(schema, dict):
+        raise OpenAIError(400, f"{param}: a JSON schema is an object", param=param)
+    return schema
 
 
 class CompletionRequest(_SamplingFields):
@@ -149,7 +233,6 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: _engine_type("logprobs") | None = None
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
 
     def engine_messages(self) -> list[dict[str, str]]:
         return [m.engine_message(i) for i, m in enumerate(self.messages)]
@@ -157,9 +240,32 @@ class ChatCompletionRequest(_SamplingFields):
     def sampling(self) -> SamplingParams:
         if self.tools:
             raise OpenAIError(400, "tools are not supported", param="tools")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise OpenAIError(400, "only response_format type 'text' is supported", param="response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise OpenAIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling(self.max_completion_tokens or self.max_tokens, logprobs)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body: a prompt, or a conversation rendered with the chat template."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True  # prompt: a leading bos
+    add_generation_prompt: bool = True  # messages: end ready for the assistant's reply
+    return_token_strs: bool = False
+
+    def engine_messages(self) -> list[dict[str, str]] | None:
+        if (self.prompt is None) == (self.messages is None):
+            raise OpenAIError(400, "give either prompt or messages", param="prompt")
+        return None if self.messages is None else [m.engine_message(i) for i, m in enumerate(self.messages)]
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]

@@ -61,3 +61,20 @@ class ErrorInfo:
     type: str = "invalid_request_error"
     param: str | None = None
     code: str | None = None
+
+
+@dataclass
+class TokenizeJob:
+    """/tokenize, validated by the router; the replica's tokenizer does the work."""
+
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+@dataclass
+class Tokenized:
+    tokens: list[int]
+    token_strs: list[str] | None = None

@@ -23,6 +23,8 @@ from deployments.protocol import (
     ErrorInfo,
     GenerateChunk,
     GenerateRequest,
+    Tokenized,
+    TokenizeJob,
     TokenLogprob,
 )
 from deployments.replica_metrics import ReplicaMetrics
@@ -207,6 +209,25 @@ class ModelReplica:
             "last_step_seconds": stats.last_step_seconds,
             "latency_fit": self.engine.latency_fit(),
         }
+
+    # ---- tokens ----------------------------------------------------------------------------
+    def tokenize(self, job: TokenizeJob) -> Tokenized | ErrorInfo:
+        """A prompt's ids, or a conversation's through the chat template (as generation sees them)."""
+        try:
+            if job.messages is not None:
+                ids = self.tokenizer.apply_chat_template(job.messages, add_generation_prompt=job.add_generation_prompt)
+            else:
+                assert job.prompt is not None
+                ids = self.tokenizer.encode(job.prompt, add_bos=job.add_special_tokens)
+        except ChatTemplateError as err:
+            return ErrorInfo(400, str(err), param="messages")
+        return Tokenized(ids, [self._token_text(i) for i in ids] if job.return_token_strs else None)
+
+    def detokenize(self, tokens: list[int]) -> str | ErrorInfo:
+        vocab = self.tokenizer.vocab_size
+        if bad := [t for t in tokens if not 0 <= t < vocab]:
+            return ErrorInfo(400, f"token ids outside the vocabulary (0-{vocab - 1}): {bad[:5]}", param="tokens")
+        return self.tokenizer.decode(tokens)
 
     # ---- generation ------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk | ErrorInfo]:

@@ -4,6 +4,7 @@
     GET  /<tier>/v1/models            POST /<tier>/v1/completions   POST /<tier>/v1/chat/completions
     GET  /v1/models, POST /v1/...     (the configured default tier)
     GET  /<tier>/stats                (one replica's view: tuning, queue, latency fit)
+    POST /<tier>/tokenize  /<tier>/detokenize  (and /tokenize, /detokenize: vLLM's bodies)
 
 It validates requests (into the engine's `SamplingParams`, a torch-free type), fans batch prompts
 out, streams SSE and formats responses; it holds no tensors and its process never loads torch. `x-request-id` (the
@@ -35,8 +36,8 @@ from deployments.backpressure import AdmissionConfig, Slot, TierGate
 from deployments.body_limit import BodyLimitMiddleware
 from deployments.errors import OpenAIError, install_error_handlers, internal_error
 from deployments.openai_format import ResponseBuilder, sse
-from deployments.openai_schemas import ChatCompletionRequest, CompletionRequest
-from deployments.protocol import ErrorInfo, GenerateChunk, GenerateRequest
+from deployments.openai_schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from deployments.protocol import ErrorInfo, GenerateChunk, GenerateRequest, TokenizeJob
 from deployments.router_metrics import MetricsMiddleware, RouterMetrics
 
 _PING_TIMEOUT_S = 5.0
@@ -205,6 +206,37 @@ class Router:
     async def stats(self, tier: str) -> JSONResponse:
         name = self._tier(tier)
         return JSONResponse(await self.tiers[name].describe.remote(), headers={"x-tier": name})
+
+    @app.post("/tokenize")
+    @app.post("/{tier}/tokenize")
+    async def tokenize(self, body: TokenizeRequest, tier: str | None = None) -> JSONResponse:
+        name = self._tier(tier)
+        self._check_model(body.model)
+        job = TokenizeJob(body.prompt, body.engine_messages(), body.add_special_tokens, body.add_generation_prompt,
+                          body.return_token_strs)
+        result = await self._ask(name, self.tiers[name].tokenize.remote(job))
+        return JSONResponse({"count": len(result.tokens), "max_model_len": self.settings.max_model_len[name],
+                             "tokens": result.tokens, "token_strs": result.token_strs}, headers={"x-tier": name})
+
+    @app.post("/detokenize")
+    @app.post("/{tier}/detokenize")
+    async def detokenize(self, body: DetokenizeRequest, tier: str | None = None) -> JSONResponse:
+        name = self._tier(tier)
+        self._check_model(body.model)
+        text = await self._ask(name, self.tiers[name].detokenize.remote(body.tokens))
+        return JSONResponse({"prompt": text}, headers={"x-tier": name})
+
+    async def _ask(self, tier: str, call: Any) -> Any:
+        """A replica's answer to a one-shot call, its ErrorInfo raised as the HTTP error."""
+        try:
+            result = await asyncio.wait_for(call, self.settings.admission[tier].request_timeout_s)
+        except asyncio.TimeoutError:
+            raise _timed_out(self.settings.admission[tier].request_timeout_s) from None
+        except _REPLICA_GONE:
+            raise _unavailable() from None
+        if isinstance(result, ErrorInfo):
+            raise OpenAIError.from_info(result)
+        return result
 
     @app.post("/v1/completions")
     @app.post("/{tier}/v1/completions")

@@ -6,11 +6,13 @@ from typing import TYPE_CHECKING, Any
 
 from engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from engine.sampling_params import SamplingParams
+from engine.structured_output import StructuredOutput
 
 if TYPE_CHECKING:
     from engine.llm import LLM, GenerationResult
 
-__all__ = ["LLM", "GenerationResult", "SamplingParams", "EngineConfig", "CacheConfig", "SchedulerConfig"]
+__all__ = ["LLM", "GenerationResult", "SamplingParams", "StructuredOutput", "EngineConfig", "CacheConfig",
+           "SchedulerConfig"]
 
 
 def __getattr__(name: str) -> Any:

@@ -62,9 +62,10 @@ class LLM:
     def generate(
         self,
         prompts: str | Sequence[str] | Sequence[Sequence[int]],
-        params: SamplingParams | None = None,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[GenerationResult]:
-        """Runs every prompt to completion in shared batches; results keep the input order."""
+        """Runs every prompt to completion in shared batches; results keep the input order.
+        `params`: one for every prompt, or a list with one per prompt (as vLLM's)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         encoded = [
@@ -78,16 +79,19 @@ class LLM:
         return self._run([prompt_ids], params or SamplingParams(), continuation=False)[0]
 
     def _run(
-        self, prompts: list[list[int]], params: SamplingParams, continuation: bool
+        self, prompts: list[list[int]], params: SamplingParams | Sequence[SamplingParams], continuation: bool
     ) -> list[GenerationResult]:
-        for prompt_ids in prompts:  # all or nothing: a bad prompt must not strand the others
-            self.engine.validate(prompt_ids, params)
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+        for prompt_ids, p in zip(prompts, per_prompt):  # all or nothing: a bad prompt must not strand the others
+            self.engine.validate(prompt_ids, p)
         results: dict[str, GenerationResult] = {}
-        for prompt_ids in prompts:
+        for prompt_ids, p in zip(prompts, per_prompt):
             request_id = f"offline-{next(self._ids)}"
-            self.engine.add_request(request_id, prompt_ids, params, continuation=continuation)
+            self.engine.add_request(request_id, prompt_ids, p, continuation=continuation)
             results[request_id] = GenerationResult(
-                request_id, prompt_ids, [CompletionOutput(i) for i in range(params.n)]
+                request_id, prompt_ids, [CompletionOutput(i) for i in range(p.n)]
             )
         while self.engine.has_unfinished:
             for out in self.engine.step():

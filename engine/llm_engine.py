@@ -6,12 +6,14 @@ import logging
 import secrets
 import time
 import weakref
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 
 import torch
 
 from engine.checkpoint import default_model_dir
 from engine.config import EngineConfig, SchedulerConfig
+from engine.grammar import GrammarCompiler, GrammarError
 from engine.kv_cache import BlockManager
 from engine.model_runner import StepOutput, build_runner
 from engine.outputs import (
@@ -32,12 +34,14 @@ from engine.ranks import (
 from engine.request_limits import RequestLimits
 from engine.sampling import make_generator
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledSeq, Scheduler
 from engine.sequence import Sequence, SequenceStatus, TokenLogprob
 from engine.stops import check_stop, choice_delta
 from engine.tokenizer import ChatMessage, Tokenizer
 
 log = logging.getLogger(__name__)
+
+_GRAMMAR_WAIT_S = 0.01  # an idle step waits this long for a grammar still compiling
 
 
 class LLMEngine:
@@ -71,6 +75,10 @@ class LLMEngine:
             model_dir, str(self.dtype).removeprefix("torch."), world, self.load_seconds, self.kv_capacity_tokens,
         )
         self.requests: dict[str, list[Sequence]] = {}
+        # NOTE: built now, not at the first constrained request: it reads the whole vocabulary
+        # (~0.1 s), which would stall that step for every request.
+        self.grammars = GrammarCompiler(self.tokenizer)
+        self._compiling: dict[str, Future] = {}  # request id -> its grammar, still compiling
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._steps = 0
@@ -123,8 +131,11 @@ class LLMEngine:
                 )
             )
         self.requests[request_id] = seqs
-        for seq in seqs:
-            self.scheduler.add(seq)
+        if params.structured_output is None:
+            for seq in seqs:
+                self.scheduler.add(seq)
+        else:  # scheduled once its grammar is compiled (at once when it is cached)
+            self._compiling[request_id] = self.grammars.compile(params.structured_output)
         return len(prompt_ids)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -136,6 +147,7 @@ class LLMEngine:
         seqs = self.requests.pop(request_id, None)
         if seqs is None:
             return None
+        self._compiling.pop(request_id, None)
         choices = []
         for seq in seqs:
             if not seq.is_finished:
@@ -174,6 +186,7 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stops the tensor-parallel ranks (no-op without tensor parallelism; once)."""
+        self.grammars.close()
         self._stop_ranks()
 
     def check_ranks(self) -> None:
@@ -185,13 +198,16 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        failed = self._admit_compiled()
         batch = self.scheduler.schedule()
         if not batch:
-            return []
+            if self._compiling and not failed:
+                wait(list(self._compiling.values()), timeout=_GRAMMAR_WAIT_S, return_when=FIRST_COMPLETED)
+            return failed
         self.check_ranks()
         computed_before = {id(s.seq): s.seq.num_computed_tokens for s in batch}
         try:
-            result = self.runner.execute(batch)
+            result = self.runner.execute(batch, self._grammar_masks(batch))
         except EngineDeadError:
             raise
         except Exception as err:
@@ -204,11 +220,37 @@ class LLMEngine:
             seq.num_computed_tokens += item.num_new_tokens
             self._prompt_tokens += max(0, min(seq.num_computed_tokens, seq.num_prompt_tokens) - before)
             self.blocks.cache_full_blocks(seq, before)
-        outputs = self._process(result)
+        outputs = failed + self._process(result)
         self._steps += 1
         self._last_step = time.perf_counter() - t0
         self._last_batch = (sum(s.num_new_tokens for s in batch), len(batch))
         return outputs
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Schedules the requests whose grammar is ready; fails those whose grammar did not compile."""
+        failed: list[RequestOutput] = []
+        for request_id, compiled in list(self._compiling.items()):
+            if not compiled.done():
+                continue
+            del self._compiling[request_id]
+            seqs = self.requests[request_id]
+            try:
+                for seq in seqs:
+                    seq.matcher = self.grammars.matcher(compiled)
+            except GrammarError as err:
+                failed += self.fail_requests([request_id], f"structured output does not compile: {err}")
+                continue
+            for seq in seqs:
+                self.scheduler.add(seq)
+        return failed
+
+    def _grammar_masks(self, batch: list[ScheduledSeq]) -> dict[int, torch.Tensor]:
+        """By seq_id, the next-token bit mask [W] of each constrained sequence that samples this step."""
+        constrained = [s.seq for s in batch if s.samples and s.seq.matcher is not None]
+        if not constrained:
+            return {}
+        masks = self.grammars.masks([seq.matcher for seq in constrained])  # type: ignore[misc]  # [R, W]
+        return {seq.seq_id: masks[i] for i, seq in enumerate(constrained)}
 
     def _process(self, result: StepOutput) -> list[RequestOutput]:
         deltas: dict[str, list[ChoiceDelta]] = {}
@@ -223,6 +265,11 @@ class LLMEngine:
                 assert tok.top_logprobs is not None
                 logprob = TokenLogprob(token, tok.logprobs[row], tok.top_logprobs[row])
                 seq.logprobs.append(logprob)
+            if seq.matcher is not None and not seq.matcher.consume_token(token):
+                # Only a token outside the mask gets here (min_tokens forbidding the one token the
+                # grammar allows leaves the row nothing to sample): the grammar cannot go on.
+                log.warning("request %s: token %d breaks its grammar: %s", seq.request_id, token,
+                            seq.matcher.get_error())
             check_stop(seq, token, self.tokenizer.eos_id, min(self.max_model_len, self.kv_capacity_tokens))
             deltas.setdefault(seq.request_id, []).append(choice_delta(seq, token, logprob))
         outputs: list[RequestOutput] = []

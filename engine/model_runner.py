@@ -195,8 +195,9 @@ class ModelRunner:
         self.expert_counts.scatter_add_(0, flat, torch.ones_like(flat))  # no bincount: no host sync
         return hidden
 
-    def execute(self, batch: list[ScheduledSeq]) -> StepOutput:
-        """Runs one step on every rank; reorders `batch` in place (decodes first)."""
+    def execute(self, batch: list[ScheduledSeq], allowed: dict[int, torch.Tensor] | None = None) -> StepOutput:
+        """Runs one step on every rank; reorders `batch` in place (decodes first). `allowed`: by
+        seq_id, the grammar's bit mask of next tokens for constrained sequences that sample."""
         items = [
             StepItem(
                 s.seq.token_ids[s.seq.num_computed_tokens : s.seq.num_computed_tokens + s.num_new_tokens],
@@ -223,6 +224,7 @@ class ModelRunner:
                 output_ids=s.seq.output_ids,
                 generator=s.seq.generator,
                 eos_id=self.eos_id,
+                allowed=allowed.get(s.seq.seq_id) if allowed else None,
             )
             for s in sampled
         ]

@@ -4,7 +4,7 @@ Each step the engine hands the sampler one [B, V] logits tensor and a `SamplingR
 sequence, and gets one token per row back (plus logprobs where a row asked for them).
 Processing follows vLLM's order:
 
-    penalties (repetition, presence, frequency) -> min_tokens masking
+    penalties (repetition, presence, frequency) -> min_tokens masking -> grammar masking
     -> temperature -> top-k -> top-p -> min-p -> sample
 
 Everything is batched over rows; the only per-row loops are over rows (building id
@@ -46,6 +46,8 @@ class SamplingRow:
     # From `make_generator(params.seed)`; the engine keeps it across steps.
     generator: torch.Generator | None
     eos_id: int
+    # [ceil(V / 32)] int32 bit mask of the tokens the row's grammar allows next; None = any.
+    allowed: torch.Tensor | None = None
 
 
 @dataclass
@@ -77,7 +79,7 @@ class Sampler:
     """Turns one step's logits into tokens, row by row according to each row's parameters.
 
     NOTE (logprob semantics): reported logprobs are log_softmax of the logits after the
-    penalties and min_tokens masking but before temperature, top-k, top-p and min-p. So they
+    penalties, min_tokens and grammar masking but before temperature, top-k, top-p and min-p. So they
     describe the model's (penalised) belief, independent of how adventurously the request
     samples: greedy rows get real values rather than 0 / -inf, and `top_logprobs` may list
     tokens that truncation would never let the row sample. The sampled token always has a
@@ -100,6 +102,7 @@ class Sampler:
         logits = logits.to(torch.float32, copy=True)  # [B, V] private copy, processed in place
         _apply_penalties(logits, rows)
         _mask_min_tokens(logits, rows)
+        _mask_grammar(logits, rows)
         want_logprobs = any(row.params.logprobs is not None for row in rows)
         logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None  # [B, V]
 
@@ -122,6 +125,7 @@ def _plain_greedy(row: SamplingRow) -> bool:
         and p.logprobs is None
         and not p.has_penalties
         and (p.min_tokens == 0 or len(row.output_ids) >= p.min_tokens)
+        and row.allowed is None
     )
 
 
@@ -176,6 +180,24 @@ def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     pres_t = torch.tensor(pres, dtype=torch.float32, device=device)[:, None]  # [P, 1]
     sub = sub - freq_t * out_counts - pres_t * out_seen  # [P, V]
     logits[index] = sub
+
+
+def allowed_tokens(masks: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[R, V] bool from [R, W] int32 bit masks: token 32 w + j is bit j of word w (llguidance's layout)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=masks.device)  # [32]
+    bits = (masks.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]
+    return bits.view(masks.shape[0], -1)[:, :vocab_size].bool()  # [R, V]
+
+
+def _mask_grammar(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Forbid, in rows with a grammar, every token it does not allow next (in place on [B, V])."""
+    constrained = [i for i, row in enumerate(rows) if row.allowed is not None]
+    if not constrained:
+        return
+    index = torch.tensor(constrained, device=logits.device)  # [R]
+    masks = torch.stack([rows[i].allowed for i in constrained]).to(logits.device)  # type: ignore[misc]  # [R, W]
+    allowed = allowed_tokens(masks, logits.shape[1])  # [R, V]
+    logits[index] = logits[index].masked_fill(~allowed, _NEG_INF)
 
 
 def _mask_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:

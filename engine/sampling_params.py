@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from engine.structured_output import StructuredOutput
+
 MAX_LOGPROBS = 20  # OpenAI's cap on `top_logprobs`
 MAX_N = 128  # choices per request, as OpenAI caps `n`
 
@@ -38,6 +40,8 @@ class SamplingParams(BaseModel):
     # How many top logprobs to report besides the sampled token's own; None = off.
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     skip_special_tokens: bool = True
+    # The text must match this (JSON schema, regex, choice, grammar); None = free text.
+    structured_output: StructuredOutput | None = None
 
     @field_validator("stop", mode="before")
     @classmethod

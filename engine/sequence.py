@@ -6,10 +6,14 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
 from engine.tokenizer import IncrementalDetokenizer
 
 FinishReason = str  # "stop" | "length" | "abort" | "error"
@@ -54,6 +58,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token that ended it
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    matcher: "LLMatcher | None" = None  # where a constrained sequence stands in its grammar
     text: str = ""  # detokenized output, stop string removed
     num_text_emitted: int = 0  # characters of `text` already streamed
 

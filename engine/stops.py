@@ -31,6 +31,8 @@ def check_stop(seq: Sequence, token: int, eos_id: int, max_len: int) -> None:
                 idx, stop = min(hits)
                 seq.text = seq.text[:idx]
                 _finish(seq, "stop", stop)
+    if not seq.is_finished and seq.matcher is not None and seq.matcher.is_stopped():
+        _finish(seq, "stop", None)  # the grammar is complete: nothing may follow
     if not seq.is_finished:
         if params.max_tokens is not None and n_out >= params.max_tokens:
             _finish(seq, "length", None)

@@ -28,6 +28,7 @@ from engine.config import ChatTemplate
 # for SentencePiece, whose only context effect is dropping the first piece's space.
 _CONTEXT_TOKENS = 4
 _VERSIONED_NAME = re.compile(r"tokenizer\.model\.v(\d+)(m\d+)?")
+_SPACE = "\u2581"  # SentencePiece's word-boundary mark
 
 
 class ChatTemplateError(ValueError):
@@ -137,6 +138,33 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Decodes to text; bos, eos and other control tokens produce nothing."""
         return self._sp.Decode(list(ids))
+
+    def token_bytes(self) -> list[bytes | None]:
+        """What each id adds to the output's bytes; None for control ids (bos, eos, [INST], ...)."""
+        sp = self._sp
+        out: list[bytes | None] = []
+        for i in range(sp.GetPieceSize()):
+            piece = sp.IdToPiece(i)
+            if sp.IsControl(i) or sp.IsUnknown(i):
+                out.append(None)
+            elif sp.IsByte(i):
+                out.append(bytes([int(piece[3:-1], 16)]))  # "<0xAB>"
+            else:
+                out.append(piece.replace(_SPACE, " ").encode())
+        return out
+
+    def encode_exact(self, text: str) -> list[int]:
+        """Ids whose `token_bytes` add up to exactly `text`: `encode` without SentencePiece's dummy
+        leading space (a grammar engine compares bytes, and "{" is not " {")."""
+        ids: list[int] = self._sp.Encode(text)
+        first = self._sp.IdToPiece(ids[0]) if ids else ""
+        if not first.startswith(_SPACE):
+            return ids
+        rest = first[len(_SPACE):]  # the first piece without the space SentencePiece put in front
+        plain = self._sp.PieceToId(rest) if rest else None
+        if plain is None or (plain != self._sp.unk_id() and self._sp.IdToPiece(plain) == rest):
+            return ([plain] if plain is not None else []) + ids[1:]
+        return [self._sp.PieceToId(f"<0x{b:02X}>") for b in rest.encode()] + ids[1:]  # byte fallback
 
     def detokenizer(self, prompt_ids: Sequence[int], continuation: bool) -> IncrementalDetokenizer:
         """Streams output text for a request.

@@ -4,11 +4,14 @@ writes only where the user runs it, never into site-packages."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The installed package only: no checkout on the import path.
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def test_wheel_in_a_fresh_venv_runs_generate_and_dashboards_build(tmp_path: Path, tiny_checkpoint: Path) -> None:
@@ -29,7 +32,7 @@ def test_wheel_in_a_fresh_venv_runs_generate_and_dashboards_build(tmp_path: Path
 
     where = subprocess.run([python, "-c", "import configs, dashboards, engine, json; print(json.dumps("
                             "[engine.__file__, dashboards.__file__, str(configs.LOCAL), configs.LOCAL.is_file()]))"],
-                           cwd=work, capture_output=True, text=True, check=True, timeout=120)
+                           cwd=work, capture_output=True, text=True, check=True, timeout=120, env=ENV)
     engine_file, dashboards_file, local_config, config_shipped = json.loads(where.stdout)
     site = Path(engine_file).parents[1]
     assert site.is_relative_to(venv) and Path(dashboards_file).is_relative_to(venv), where.stdout
@@ -38,11 +41,12 @@ def test_wheel_in_a_fresh_venv_runs_generate_and_dashboards_build(tmp_path: Path
     before = {p for p in site.rglob("*") if "__pycache__" not in p.parts}
 
     done = subprocess.run([cli, "generate", "--model", str(tiny_checkpoint), "--prompt", "Hello", "--max-tokens", "4",
-                           "--ignore-eos", "--json"], cwd=work, capture_output=True, text=True, timeout=300)
+                           "--ignore-eos", "--json"], cwd=work, capture_output=True, text=True, timeout=300, env=ENV)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(json.loads(done.stdout)["token_ids"]) == 4
 
-    built = subprocess.run([cli, "dashboards", "build"], cwd=work, capture_output=True, text=True, timeout=120)
+    built = subprocess.run([cli, "dashboards", "build"], cwd=work, capture_output=True, text=True, timeout=120,
+                           env=ENV)
     assert built.returncode == 0, built.stderr[-2000:]
     shipped = sorted(p.stem for p in Path(local_config).parent.glob("*.yaml"))
     assert sorted(p.stem for p in (work / "cluster" / "prometheus-rules").glob("*.yml")) == shipped

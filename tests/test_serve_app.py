@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 import socket
 import statistics
 import threading
@@ -17,13 +18,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import aiohttp
+import jsonschema
 import openai
 import pytest
 import requests
 import yaml
+from pydantic import BaseModel, Field
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -231,6 +234,96 @@ def test_errors_use_the_openai_envelope(app: App) -> None:
     raw = requests.post(f"{app.base}/latency/v1/completions", json={"prompt": "Hi", "n": 0}, timeout=30)
     assert raw.status_code == 400
     assert set(raw.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("tier", [*TIERS, None])
+def test_tokenize_and_detokenize_match_what_generation_sees(app: App, tier: str | None) -> None:
+    root = f"{app.base}/{tier}" if tier else app.base
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    chat = requests.post(f"{root}/tokenize", json={"model": MODEL, "messages": messages}, timeout=30)
+    assert chat.status_code == 200, chat.text
+    body = chat.json()
+    answer = app.openai(tier).chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+    assert body["count"] == len(body["tokens"]) == answer.usage.prompt_tokens
+    assert body["max_model_len"] == 2048 and body["token_strs"] is None
+    prompt = requests.post(f"{root}/tokenize", json={"prompt": "Hello there", "return_token_strs": True},
+                           timeout=30).json()
+    assert prompt["tokens"][0] == 1 and "".join(prompt["token_strs"][1:]).strip() == "Hello there"
+    bare = requests.post(f"{root}/tokenize", json={"prompt": "Hello there", "add_special_tokens": False},
+                         timeout=30).json()
+    assert bare["tokens"] == prompt["tokens"][1:]
+    back = requests.post(f"{root}/detokenize", json={"model": MODEL, "tokens": prompt["tokens"]}, timeout=30)
+    assert back.json() == {"prompt": "Hello there"}
+    for path, payload, param in (("tokenize", {"prompt": "x", "messages": messages}, "prompt"),
+                                 ("tokenize", {"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
+                                 ("detokenize", {"tokens": [5, 10**9]}, "tokens")):
+        bad = requests.post(f"{root}/{path}", json=payload, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+
+
+# ---- structured outputs -----------------------------------------------------------------------
+class Pet(BaseModel):
+    """Bounded fields: random weights would otherwise write one string until max_tokens."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z]{1,8}$")]
+    legs: Annotated[int, Field(ge=0, le=8)]
+    kind: Literal["cat", "dog"]
+    toys: Annotated[list[Literal["ball", "bone"]], Field(min_length=1, max_length=2)]
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_openai_parse_returns_the_pydantic_object_on_every_tier(app: App, tier: str) -> None:
+    completion = app.openai(tier).chat.completions.parse(
+        model=MODEL, messages=[{"role": "user", "content": "A pet, please."}], response_format=Pet,
+        temperature=1.0, max_tokens=120)
+    message = completion.choices[0].message
+    assert completion.choices[0].finish_reason == "stop", message.content
+    assert isinstance(message.parsed, Pet) and Pet.model_validate_json(message.content) == message.parsed
+
+
+def test_json_schema_streamed_and_not_with_n_and_seed(app: App) -> None:
+    schema = Pet.model_json_schema() | {"additionalProperties": False}  # else any extra key may follow
+    fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": schema, "strict": True}}
+    client = app.openai("throughput")
+    kwargs = {"model": MODEL, "messages": [{"role": "user", "content": "Pet?"}], "response_format": fmt,
+              "max_tokens": 120, "temperature": 1.0, "seed": 11, "n": 2}
+    whole = client.chat.completions.create(**kwargs)
+    texts = ["", ""]
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [c.message.content for c in whole.choices]  # seeded: the same, streamed or not
+    assert [c.finish_reason for c in whole.choices] == ["stop", "stop"]
+    for text in texts:
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_vllm_structured_output_extras_on_completions(app: App) -> None:
+    client = app.openai("latency")
+    choice = client.completions.create(model=MODEL, prompt="Pick:", max_tokens=10,
+                                       extra_body={"guided_choice": ["left", "right"]})
+    assert choice.choices[0].text in {"left", "right"}
+    regex = client.completions.create(model=MODEL, prompt="Code:", max_tokens=20,
+                                      extra_body={"structured_outputs": {"regex": "[A-F]{4}"}})
+    assert re.fullmatch("[A-F]{4}", regex.choices[0].text)
+    obj = client.completions.create(model=MODEL, prompt="JSON:", max_tokens=40,
+                                    extra_body={"guided_json": json.dumps({"type": "integer", "minimum": 0, "maximum": 99})})
+    assert 0 <= int(obj.choices[0].text) <= 99
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+     "response_format"),
+    ({"guided_regex": "a(b"}, "guided_regex"),
+    ({"guided_json": "{not json"}, "guided_json"),
+    ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "guided_choice"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+])
+def test_bad_output_constraints_are_400s_naming_the_parameter(app: App, body: dict[str, Any], param: str) -> None:
+    raw = requests.post(f"{app.base}/latency/v1/chat/completions", timeout=30,
+                        json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]} | body)
+    assert raw.status_code == 400, raw.text
+    assert raw.json()["error"]["param"].startswith(param), raw.json()
 
 
 # ---- live tuning ------------------------------------------------------------------------------
