@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from deployments.protocol import ChoiceChunk, GenerateChunk, TokenLogprob
+from deployments.tool_calls import ToolCallParser
 
 Kind = Literal["completion", "chat"]
 
@@ -30,6 +31,11 @@ class _Choice:
     stop_reason: str | int | None = None
     text_offset: int = 0  # completions logprobs: characters before the next token
     started: bool = False  # chat streams: the first delta carries the role
+    tool_calls: ToolCallParser = field(default_factory=ToolCallParser)
+
+    def finish(self, reason: str | None) -> str | None:
+        """OpenAI's finish reason: a reply that ended in calls finished with "tool_calls"."""
+        return "tool_calls" if reason == "stop" and self.tool_calls.calls else reason
 
 
 class ResponseBuilder:
@@ -96,21 +102,26 @@ class ResponseBuilder:
         self._count(prompt_index, chunk)
         choices = []
         for part in chunk.choices:
-            if not (part.text or part.finish_reason or part.logprobs):
-                continue
             index = prompt_index * self.n + part.index
             state = self._choices[index]
+            first_call = len(state.tool_calls.calls)
+            calls = state.tool_calls.feed(part.tool_text) if part.tool_text else []
+            text = part.text + (state.tool_calls.leftover() if part.finish_reason else "")
+            if not (text or calls or part.finish_reason or part.logprobs):
+                continue
             body: dict[str, Any] = {"index": index}
             if self.kind == "chat":
-                delta: dict[str, Any] = {"content": part.text}
+                delta: dict[str, Any] = {"content": text} if text or not calls else {}
+                if calls:  # each call whole: index, id, type, name and all its arguments
+                    delta["tool_calls"] = [{"index": first_call + k, **call} for k, call in enumerate(calls)]
                 if not state.started:
                     delta = {"role": "assistant", **delta}
                     state.started = True
                 body["delta"] = delta
             else:
-                body["text"] = part.text
+                body["text"] = text
             body["logprobs"] = self._logprobs(state, part.logprobs)
-            body["finish_reason"] = part.finish_reason
+            body["finish_reason"] = state.finish(part.finish_reason)
             body["stop_reason"] = part.stop_reason
             choices.append(body)
         if not choices:
@@ -132,6 +143,7 @@ class ResponseBuilder:
     @staticmethod
     def _merge(state: _Choice, part: ChoiceChunk) -> None:
         state.text.append(part.text)
+        state.tool_calls.feed(part.tool_text)
         state.logprobs.extend(part.logprobs)
         if part.finish_reason is not None:
             state.finish_reason = part.finish_reason
@@ -140,14 +152,16 @@ class ResponseBuilder:
     def response(self) -> dict[str, Any]:
         choices = []
         for index, state in enumerate(self._choices):
-            text = "".join(state.text)
+            text = "".join(state.text) + state.tool_calls.leftover()
             body: dict[str, Any] = {"index": index}
             if self.kind == "chat":
-                body["message"] = {"role": "assistant", "content": text}
+                calls = state.tool_calls.calls
+                body["message"] = {"role": "assistant", "content": text or None, "tool_calls": calls} if calls \
+                    else {"role": "assistant", "content": text}
             else:
                 body["text"] = text
             body["logprobs"] = self._logprobs(state, state.logprobs)
-            body["finish_reason"] = state.finish_reason
+            body["finish_reason"] = state.finish(state.finish_reason)
             body["stop_reason"] = state.stop_reason
             choices.append(body)
         return {**self._header(stream=False), "choices": choices, "usage": self.usage()}

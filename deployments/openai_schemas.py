@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployments.errors import OpenAIError
+from deployments.protocol import ToolUse
 from engine.sampling_params import SamplingParams
 from engine.structured_output import StructuredOutput
 
@@ -209,13 +210,30 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1)
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(min_length=1)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
 
-    def engine_message(self, index: int) -> dict[str, str]:
+    def engine_message(self, index: int) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
             if any(part.type != "text" for part in content):
@@ -223,7 +241,39 @@ class ChatMessage(BaseModel):
             content = "".join(part.text or "" for part in content)
         # NOTE: OpenAI's "developer" role is its newer name for the system prompt.
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        message: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_calls:
+            message |= {"content": content or None, "tool_calls": [c.model_dump() for c in self.tool_calls]}
+        if role == "tool":
+            if not self.tool_call_id:
+                raise OpenAIError(400, f"messages[{index}]: a tool message needs its tool_call_id", param="messages")
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    class Function(BaseModel):
+        name: str
+
+    type: Literal["function"]
+    function: Function
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -232,14 +282,35 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: _engine_type("max_tokens") | None = None
     logprobs: bool = False
     top_logprobs: _engine_type("logprobs") | None = None
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
-    def engine_messages(self) -> list[dict[str, str]]:
+    def engine_messages(self) -> list[dict[str, Any]]:
         return [m.engine_message(i) for i, m in enumerate(self.messages)]
 
+    def tool_use(self) -> ToolUse | None:
+        """What the replica does with `tools` (None: the prompt shows none, the output is text)."""
+        choice = self.tool_choice
+        if choice is not None and not self.tools:
+            raise OpenAIError(400, "tool_choice needs tools", param="tool_choice")
+        if not self.tools or choice == "none":
+            return None
+        tools = [tool.model_dump(exclude_none=True) for tool in self.tools]
+        names = [tool.function.name for tool in self.tools]
+        if len(set(names)) != len(names):
+            raise OpenAIError(400, "tools: function names must be unique", param="tools")
+        name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        if name is not None and name not in names:
+            raise OpenAIError(400, f"tool_choice names {name!r}, which is not among the tools {names}",
+                              param="tool_choice")
+        forced = choice == "required" or name is not None
+        if forced and self._structured_output() is not None:
+            raise OpenAIError(400, "tool_choice 'required' or a named function cannot be combined with "
+                                   "response_format or another output constraint", param="tool_choice")
+        return ToolUse(tools, forced, name, self.parallel_tool_calls)
+
     def sampling(self) -> SamplingParams:
-        if self.tools:
-            raise OpenAIError(400, "tools are not supported", param="tools")
         if self.top_logprobs is not None and not self.logprobs:
             raise OpenAIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
@@ -254,14 +325,18 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = None  # messages: rendered with these tools
     add_special_tokens: bool = True  # prompt: a leading bos
     add_generation_prompt: bool = True  # messages: end ready for the assistant's reply
     return_token_strs: bool = False
 
-    def engine_messages(self) -> list[dict[str, str]] | None:
+    def engine_messages(self) -> list[dict[str, Any]] | None:
         if (self.prompt is None) == (self.messages is None):
             raise OpenAIError(400, "give either prompt or messages", param="prompt")
         return None if self.messages is None else [m.engine_message(i) for i, m in enumerate(self.messages)]
+
+    def engine_tools(self) -> list[dict[str, Any]] | None:
+        return None if not self.tools else [tool.model_dump(exclude_none=True) for tool in self.tools]
 
 
 class DetokenizeRequest(BaseModel):

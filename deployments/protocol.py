@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.sampling_params import SamplingParams
 
@@ -18,9 +19,20 @@ class GenerateRequest:
     request_id: str  # the engine's request id: unique per prompt
     params: SamplingParams
     prompt: str | list[int] | None = None  # completions
-    messages: list[dict[str, str]] | None = None  # chat: rendered with the engine's chat template
+    messages: list[dict[str, Any]] | None = None  # chat (OpenAI's message dicts): the engine's chat template
     stream: bool = False  # False: the replica sends one chunk, at the end
     priority: int = 0  # lower runs first on a tier whose scheduler policy is "priority"
+    tools: ToolUse | None = None  # chat with tools the model may (or must) call
+
+
+@dataclass
+class ToolUse:
+    """A chat request's tools, as the router validated them."""
+
+    tools: list[dict[str, Any]]  # OpenAI's tool objects
+    required: bool = False  # the reply must be tool calls ("required", or a named function)
+    name: str | None = None  # ... to this function only
+    parallel: bool = True  # several calls in one reply
 
 
 @dataclass
@@ -40,6 +52,7 @@ class ChoiceChunk:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    tool_text: str = ""  # the model's tool-call text (Mistral's JSON list), kept out of `text`
 
 
 @dataclass
@@ -68,7 +81,8 @@ class TokenizeJob:
     """/tokenize, validated by the router; the replica's tokenizer does the work."""
 
     prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False

@@ -38,6 +38,7 @@ from engine.outputs import (
     RequestOutput,
 )
 from engine.ranks import RankPlacement
+from engine.structured_output import StructuredOutput
 from engine.tokenizer import ChatTemplateError
 
 log = logging.getLogger("ray.serve")
@@ -51,9 +52,14 @@ _END = object()  # end of an engine stream inside the coalescing queue
 class _ChunkState:
     """Per-request memory across chunks."""
 
-    def __init__(self, want_logprobs: bool) -> None:
+    def __init__(self, want_logprobs: bool, tool_calls_id: int | None = None, all_tool_text: bool = False) -> None:
         self.want_logprobs = want_logprobs
         self.queue_seconds: float | None = None
+        # Tool calls: text after this control token is the calls' JSON (ChoiceChunk.tool_text); with
+        # `all_tool_text` (a forced call in a format without the token) the whole reply is.
+        self.tool_calls_id = tool_calls_id
+        self.in_tool_calls: set[int] = set()  # choice indexes past the token
+        self.all_tool_text = all_tool_text
 
 
 async def _coalesce(batches: AsyncIterator[list[RequestOutput]],
@@ -215,7 +221,7 @@ class ModelReplica:
         """A prompt's ids, or a conversation's through the chat template (as generation sees them)."""
         try:
             if job.messages is not None:
-                ids = self.tokenizer.apply_chat_template(job.messages, add_generation_prompt=job.add_generation_prompt)
+                ids = self.tokenizer.apply_chat_template(job.messages, job.add_generation_prompt, job.tools)
             else:
                 assert job.prompt is not None
                 ids = self.tokenizer.encode(job.prompt, add_bos=job.add_special_tokens)
@@ -237,19 +243,30 @@ class ModelReplica:
                             code="draining")
             return
         params = request.params
+        tools = request.tools
         try:
             if request.messages is not None:
-                prompt: str | list[int] = self.engine.encode_chat(request.messages)
+                prompt: str | list[int] = self.engine.encode_chat(request.messages, tools and tools.tools)
             else:
                 assert request.prompt is not None
                 prompt = request.prompt
         except ChatTemplateError as err:
             yield ErrorInfo(400, str(err), param="messages")
             return
+        tool_calls_id = self.tokenizer.tool_calls_id if tools else None
+        if tools and tool_calls_id is None and not tools.required:
+            yield ErrorInfo(400, "this model's chat format has no tool calls (Mistral tokenizer v1, e.g. "
+                                 "Mixtral-8x7B): set tool_choice to 'required' or name a function, which the "
+                                 "reply is then constrained to", param="tool_choice")
+            return
+        if tools and tools.required:  # the grammar makes the reply valid calls to the declared functions
+            grammar = self.tokenizer.tool_call_grammar(tools.tools, tools.name, tools.parallel)
+            params = params.model_copy(update={"structured_output": StructuredOutput(grammar=grammar)})
         self._waiting_first_token[request.request_id] = time.monotonic()
         self._active.add(request.request_id)
         interval_of = self._flush_interval if request.stream else lambda: math.inf
-        state = _ChunkState(want_logprobs=params.logprobs is not None)
+        state = _ChunkState(params.logprobs is not None, tool_calls_id, bool(tools and tools.required)
+                            and tool_calls_id is None)
         try:
             # Closing the engine's stream (finished, failed or the client left) aborts the request.
             async with aclosing(self.metrics.track(self.engine.stream(
@@ -287,7 +304,12 @@ class ModelReplica:
                 state.queue_seconds = out.queue_time
             for delta in out.choices:
                 choice = choices.setdefault(delta.index, ChoiceChunk(delta.index))
-                choice.text += delta.text
+                if state.tool_calls_id is not None and state.tool_calls_id in delta.token_ids:
+                    state.in_tool_calls.add(delta.index)
+                if state.all_tool_text or delta.index in state.in_tool_calls:
+                    choice.tool_text += delta.text
+                else:
+                    choice.text += delta.text
                 choice.num_tokens += len(delta.token_ids)
                 if state.want_logprobs:
                     choice.logprobs.extend(

@@ -212,8 +212,8 @@ class Router:
     async def tokenize(self, body: TokenizeRequest, tier: str | None = None) -> JSONResponse:
         name = self._tier(tier)
         self._check_model(body.model)
-        job = TokenizeJob(body.prompt, body.engine_messages(), body.add_special_tokens, body.add_generation_prompt,
-                          body.return_token_strs)
+        job = TokenizeJob(body.prompt, body.engine_messages(), body.engine_tools(), body.add_special_tokens,
+                          body.add_generation_prompt, body.return_token_strs)
         result = await self._ask(name, self.tiers[name].tokenize.remote(job))
         return JSONResponse({"count": len(result.tokens), "max_model_len": self.settings.max_model_len[name],
                              "tokens": result.tokens, "token_strs": result.token_strs}, headers={"x-tier": name})
@@ -260,7 +260,7 @@ class Router:
         sampling = body.sampling()
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         requests = [GenerateRequest(response_id, sampling, messages=body.engine_messages(), stream=body.stream,
-                                    priority=body.priority)]
+                                    priority=body.priority, tools=body.tool_use())]
         builder = ResponseBuilder("chat", response_id, self.settings.served_model_name, body.n, 1,
                                   body.logprobs, body.include_usage)
         return await self._respond(name, self.gates[name].admit(), requests, builder, body.stream)

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.config import EngineConfig, SchedulerConfig
 from engine.engine_core import (
@@ -165,9 +165,9 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         self.core.send(request_id)
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Prompt ids of an assistant reply to `messages` (ChatTemplateError when malformed)."""
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Prompt ids of an assistant reply to `messages`, with `tools` to call (ChatTemplateError when malformed)."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
 
     @property
     def tuning(self) -> SchedulerConfig:

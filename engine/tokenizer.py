@@ -2,13 +2,10 @@
 
 Two chat formats are supported:
 
-* ``"mistral"`` reproduces, token for token, what ``mistral_common`` emits for a chat
-  request with a SentencePiece tokenizer. Which variant applies is read from the
-  tokenizer file itself: when ``[INST]`` is a single control piece (v2/v3 files, e.g.
-  Mixtral-8x22B) the markers are control tokens, the system prompt is folded into the
-  *last* user turn and assistant replies lose trailing spaces; otherwise (v1 files,
-  e.g. Mixtral-8x7B) the markers are plain text and the system prompt is folded into
-  the *first* user turn.
+* ``"mistral"`` is ``mistral_common``'s own encoding (engine/chat_format.py) for the file's
+  tokenizer version: from its name (``tokenizer.model.v3``), else from its pieces (``[INST]``
+  a control piece: v2+; 32,768 pieces: v3, Mixtral-8x22B's, with tool calls; otherwise v1,
+  Mixtral-8x7B's, without).
 * ``"llama2-sys"`` wraps the system prompt Llama-2 style inside the first user turn.
 """
 
@@ -16,11 +13,13 @@ import codecs
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from mistral_common.tokens.tokenizers.base import TokenizerVersion
 from pydantic import BaseModel, ValidationError
 from sentencepiece import SentencePieceProcessor
 
+from engine.chat_format import ChatTemplateError, MistralChat
 from engine.config import ChatTemplate
 
 
@@ -28,11 +27,8 @@ from engine.config import ChatTemplate
 # for SentencePiece, whose only context effect is dropping the first piece's space.
 _CONTEXT_TOKENS = 4
 _VERSIONED_NAME = re.compile(r"tokenizer\.model\.v(\d+)(m\d+)?")
+_VERSION_SUFFIX = re.compile(r"\.model\.v(\d+)(m\d+)?$")  # also mistral_common's own file names
 _SPACE = "\u2581"  # SentencePiece's word-boundary mark
-
-
-class ChatTemplateError(ValueError):
-    """The conversation cannot be rendered with the chat template."""
 
 
 class ChatMessage(BaseModel):
@@ -100,6 +96,27 @@ class Tokenizer:
         self._inst_ids: tuple[int, int] | None = (
             (begin, end) if self._sp.IsControl(begin) and self._sp.IsControl(end) else None
         )
+        self._mistral = MistralChat(Path(model_file), self._version(Path(model_file))) if chat_template == "mistral" \
+            else None
+
+    def _version(self, model_file: Path) -> TokenizerVersion:
+        if match := _VERSION_SUFFIX.search(model_file.name):
+            return TokenizerVersion(f"v{match.group(1)}")
+        if self._inst_ids is None:
+            return TokenizerVersion.v1
+        return TokenizerVersion.v3 if self.vocab_size == 32768 else TokenizerVersion.v2
+
+    def tool_call_grammar(self, tools: list[dict[str, Any]], name: str | None = None, parallel: bool = True) -> str:
+        """The grammar of a reply made only of calls to `tools` (or to the function `name`): how
+        `tool_choice: "required"` or a named function is enforced (engine/chat_format.py)."""
+        if self._mistral is None:
+            raise ChatTemplateError("the llama2-sys chat template has no tool format")
+        return self._mistral.tool_call_grammar(tools, name, parallel)
+
+    @property
+    def tool_calls_id(self) -> int | None:
+        """The control id that starts the model's tool calls; None without a tool format."""
+        return None if self._mistral is None else self._mistral.tool_calls_id
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, chat_template: ChatTemplate = "mistral") -> "Tokenizer":
@@ -176,47 +193,41 @@ class Tokenizer:
         return IncrementalDetokenizer(self._sp, prompt_ids if continuation else ())
 
     def apply_chat_template(
-        self, messages: Sequence[ChatMessage | dict], add_generation_prompt: bool = True
+        self, messages: Sequence[ChatMessage | dict], add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """Renders a conversation as prompt ids.
+        """Renders a conversation (OpenAI-style message dicts, or ChatMessage) as prompt ids.
 
-        Each quoted segment below is SentencePiece-encoded on its own (so it gets the
-        dummy-prefix "▁"); ``<s>``, ``</s>`` and, for v2/v3 files, ``[INST]``/``[/INST]``
-        are single control ids. For system S, users U1, U2 and reply A1:
+        "mistral": mistral_common's own encoding for the file's version (engine/chat_format.py),
+        tools, tool calls and tool results included where the version has a tool format.
 
-        "mistral", v1 file (S joins the first user turn)::
-
-            <s> "[INST] S\n\nU1 [/INST]" "A1" </s> "[INST] U2 [/INST]"
-
-        "mistral", v2/v3 file (S joins the last user turn; A1 loses trailing spaces)::
-
-            <s> [INST] "U1" [/INST] "A1" </s> [INST] "S\n\nU2" [/INST]
-
-        "llama2-sys", v1 file, which decodes to
-        ``"[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1 [INST] U2 [/INST]"``
-        (v2/v3 files use the control ids as above)::
+        "llama2-sys" wraps the system prompt Llama-2 style in the first user turn; for a v1 file
+        it decodes to ``"[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1 [INST] U2 [/INST]"`` (each
+        quoted segment encoded on its own; v2/v3 files use [INST]/[/INST] control ids)::
 
             <s> "[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST]" "A1" </s> "[INST] U2 [/INST]"
 
         With ``add_generation_prompt=False`` the conversation may end with an assistant
         reply, which is then closed with eos (training-style full encoding).
         """
-        system, turns = _validate(messages, add_generation_prompt)
-        user_turns = [i for i, m in enumerate(turns) if m.role == "user"]
-        # mistral_common folds the system prompt into the first user turn for v1 files
-        # and into the last one from v2 on; Llama-2 always uses the first turn.
-        system_turn = user_turns[-1] if self.chat_template == "mistral" and self._inst_ids else user_turns[0]
+        dicts = [m.model_dump() if isinstance(m, ChatMessage) else m for m in messages]
+        plain = not tools and not any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls"))
+                                      for m in dicts)
+        if plain or self._mistral is None:
+            # Our own checks first: they name the usual mistakes plainly (and llama2-sys needs them).
+            system, turns = _validate(messages, add_generation_prompt)
+        if self._mistral is not None:
+            return self._mistral.encode(dicts, tools, add_generation_prompt)
+        if tools:
+            raise ChatTemplateError("the llama2-sys chat template has no tool format")
         ids = [self.bos_id]
         for i, message in enumerate(turns):
             if message.role == "assistant":
                 ids += self._encode_assistant(message.content)
                 continue
             content = message.content
-            if system and i == system_turn:
-                if self.chat_template == "mistral":
-                    content = f"{system}\n\n{content}"
-                else:
-                    content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+            if system and i == 0:
+                content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
             ids += self._encode_user(content)
         return ids
 

@@ -77,8 +77,9 @@ def test_engine_imports_nothing_of_the_serving_layer() -> None:
     assert not upward
 
 
-@pytest.mark.parametrize("module", ["engine", "engine.config", "engine.sampling_params", "deployments.config",
-                                    "deployments.protocol"])
+@pytest.mark.parametrize("module", ["engine", "engine.config", "engine.sampling_params", "engine.structured_output",
+                                    "engine.chat_format", "deployments.config", "deployments.protocol",
+                                    "deployments.tool_calls"])
 def test_configuration_and_request_types_load_without_torch(module: str) -> None:
     code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch loaded'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)

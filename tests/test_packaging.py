@@ -25,8 +25,9 @@ def test_wheel_in_a_fresh_venv_runs_generate_and_dashboards_build(tmp_path: Path
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
     python, cli = venv / "bin" / "python", venv / "bin" / "mixtral-serve"
     (wheel,) = wheels.glob("mixtral_serve-*.whl")
-    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
-                   timeout=300)
+    # --ignore-installed: this interpreter's own (editable) mixtral-serve must not count as installed.
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
+                   check=True, timeout=300, env=ENV)
     work = tmp_path / "work"
     work.mkdir()
 

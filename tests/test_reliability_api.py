@@ -137,7 +137,8 @@ def test_every_route_but_health_needs_the_key(app: Served) -> None:
     found = routes()
     assert ("GET", "/health") in found and ("POST", "/throughput/v1/chat/completions") in found
     bodies = {"/chat/completions": {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]},
-              "/completions": completion()}  # most specific suffix first
+              "/completions": completion(), "/detokenize": {"tokens": [1, 415]},
+              "/tokenize": {"prompt": "Hi"}}  # most specific suffix first
     for method, path in found:
         body = next((b for suffix, b in bodies.items() if path.endswith(suffix)), None)
         outcomes = {}

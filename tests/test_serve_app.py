@@ -457,9 +457,11 @@ def test_fixed_latency_tier_holds_its_itl_target(app: App) -> None:
     loaded = asyncio.run(stream_load(app, "throughput", streams, max_tokens))
     # A target a few single-stream steps long, which the loaded throughput tier breaks.
     # NOTE: not much higher: on two shared cores the router, proxy and client carry only a few
-    # hundred streamed chunks a second, and the engine cannot see that path's queue.
-    target = 5 * single_itl
-    assert p90(loaded.itl) > target, "the load is too light to test against on this machine"
+    # hundred streamed chunks a second, and the engine cannot see that path's queue. And never
+    # above what the loaded throughput tier shows: how fast the engines run on this host's cores
+    # sets both figures, and the test needs a target that load breaks.
+    target = min(5 * single_itl, 0.9 * p90(loaded.itl))
+    assert target > 2 * single_itl, "the load is too light to test against on this machine"
 
     replica = app.stats("fixed-latency")["replica_id"]
     # A third of the target is left to the serving path: on these two cores it widens the tail

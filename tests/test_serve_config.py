@@ -160,8 +160,9 @@ def test_policy_reads_the_replicas_stats_through_serve_context() -> None:
 
 
 def test_router_process_never_imports_torch() -> None:
-    # Of the engine, only its torch-free leaf types (configuration, sampling parameters).
+    # Of the engine, only its torch-free leaf types (configuration, sampling parameters, output constraints).
     code = ("import sys, deployments.router; assert 'torch' not in sys.modules; "
             "engine = sorted(m for m in sys.modules if m.split('.')[0] == 'engine'); "
-            "assert engine == ['engine', 'engine.config', 'engine.sampling_params'], engine")
+            "assert engine == ['engine', 'engine.config', 'engine.sampling_params', 'engine.structured_output'], "
+            "engine")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=CONFIGS.parent, timeout=120)

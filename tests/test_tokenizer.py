@@ -5,6 +5,7 @@ from pathlib import Path
 
 import mistral_common
 import pytest
+from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
@@ -125,7 +126,8 @@ def test_full_conversation_matches_finetuning_encoding(ours, reference, version:
     ("messages", "add_generation_prompt", "problem"),
     [
         ([], True, "empty"),
-        ([{"role": "tool", "content": "x"}], True, "unknown role"),
+        ([{"role": "robot", "content": "x"}], True, "unknown role"),
+        ([{"role": "user", "content": "a"}, {"role": "tool", "content": "x"}], True, "tool_call_id"),
         ([{"role": "user"}], True, "content"),
         ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], True, "alternate"),
         ([{"role": "assistant", "content": "a"}], False, "alternate"),
@@ -288,3 +290,72 @@ def test_from_dir(tmp_path: Path) -> None:
     assert Tokenizer.from_dir(tmp_path).vocab_size == 32768  # newest versioned file
     shutil.copy(FILES["v1"], tmp_path / "tokenizer.model")
     assert Tokenizer.from_dir(tmp_path, chat_template="llama2-sys").vocab_size == 32000
+
+
+# ---- tools -----------------------------------------------------------------------------------
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+                   "required": ["city"]}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "description": "Local time",
+                                          "parameters": {"type": "object", "properties": {}}}}
+TOOL_CONVERSATIONS = {
+    "ask": [{"role": "system", "content": "Use tools when they help."},
+            {"role": "user", "content": "Weather in Paris?"}],
+    "call_and_result": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "a1b2c3d4e", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "a1b2c3d4e", "content": "22 C, sunny"}],
+    "parallel_calls_then_more_turns": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather and time in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "zzzzzzzz1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "c"}'}},
+            {"id": "zzzzzzzz2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "zzzzzzzz1", "content": "-3 C"},
+        {"role": "tool", "tool_call_id": "zzzzzzzz2", "content": "14:05"},
+        {"role": "assistant", "content": "-3 C at 14:05."},
+        {"role": "user", "content": "And in Rome?"}],
+}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("name", sorted(TOOL_CONVERSATIONS))
+def test_tool_conversations_match_mistral_common(ours, reference, version: str, name: str) -> None:
+    """Exactly mistral_common's tokens, tools and all. v1 (8x7B) has no tool format: as in
+    mistral_common, the tools are left out and tool calls or results are an error."""
+    messages = TOOL_CONVERSATIONS[name]
+    tools = [WEATHER, CLOCK]
+    try:
+        expected = reference[(version, ValidationMode.test)].encode_chat_completion(
+            ChatCompletionRequest.from_openai(messages, tools=tools)).tokens
+    except MistralCommonException:
+        assert version == "v1" and name != "ask"
+        with pytest.raises(ChatTemplateError, match="Tools not implemented"):
+            ours[version].apply_chat_template(messages, tools=tools)
+        return
+    assert ours[version].apply_chat_template(messages, tools=tools) == expected
+    if version == "v3":
+        assert ours["v3"].tool_calls_id in expected or name == "ask"
+    else:
+        assert ours["v1"].tool_calls_id is None
+
+
+def test_foreign_tool_call_ids_pair_up(ours) -> None:
+    """OpenAI-style ids ("call_...") become Mistral's 9-character form, the same for a call and its result."""
+    messages = [dict(m) for m in TOOL_CONVERSATIONS["call_and_result"]]
+    messages[1] = messages[1] | {"tool_calls": [messages[1]["tool_calls"][0] | {"id": "call_Xy12_long"}]}
+    messages[2] = messages[2] | {"tool_call_id": "call_Xy12_long"}
+    ids = ours["v3"].apply_chat_template(messages, tools=[WEATHER])
+    assert ours["v3"].decode(ids)  # renders
+    with pytest.raises(ChatTemplateError, match="tool_call_id"):
+        ours["v3"].apply_chat_template(messages[:2] + [{"role": "tool", "content": "x"}], tools=[WEATHER])
+
+
+def test_llama2_sys_has_no_tool_format() -> None:
+    llama = Tokenizer(FILES["v3"], chat_template="llama2-sys")
+    with pytest.raises(ChatTemplateError, match="no tool format"):
+        llama.apply_chat_template(TOOL_CONVERSATIONS["ask"], tools=[WEATHER])
