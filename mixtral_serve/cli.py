@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks import engine_bench, serve_bench, serving_path
+from benchmarks import engine_bench, serve_bench, serving_path, structured_bench
 from dashboards import commands as dashboard_commands
 from engine.checkpoint import DTYPES, PRESETS, write_checkpoint
 from mixtral_serve import serve_command
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("serving-path", help="tokens/s and TTFT of each layer: engine, async engine, Serve, vLLM")
     serving_path.add_arguments(p)
     p.set_defaults(func=serving_path.main)
+    p = bench.add_parser("structured", help="decode tokens/s with every request JSON-schema constrained vs none")
+    structured_bench.add_arguments(p)
+    p.set_defaults(func=structured_bench.main)
 
     dashboard_commands.add_parser(sub)
     return parser

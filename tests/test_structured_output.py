@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -183,3 +185,15 @@ def test_aborting_a_request_whose_grammar_is_compiling_frees_everything(llm: LLM
         for future in busy:
             future.result(timeout=30)
     assert engine.step() == []
+
+
+def test_bench_structured_reports_both_modes(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "structured.json"
+    done = subprocess.run([sys.executable, "-m", "mixtral_serve.cli", "bench", "structured", "--model",
+                           str(tiny_checkpoint), "--streams", "2", "--output-len", "8", "--requests-per-stream", "1",
+                           "--rounds", "1", "--json-out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {row["mode"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"none", "json_schema"} and all(row["tok_s"] > 0 for row in rows.values())
+    assert rows["none"]["mean_output_tokens"] == 8  # ignore_eos: free requests run to max_tokens
+    assert "x none" in done.stdout
