@@ -46,6 +46,9 @@ class Cost(BaseModel):
     usd_per_m_prompt: float | None
     usd_per_m_generated: float | None
     usd_per_m_blended: float | None
+    # The run's cost over all its tokens, prompt and generated: what load lowers. (The split above
+    # follows client-side time, which charges queueing before the first token to the prompt.)
+    usd_per_m_tokens: float | None = None
 
 
 def gpus_per_tier(config_file: Path) -> dict[str, float]:
@@ -81,5 +84,7 @@ def cost_of(records: list[RequestResult], duration_s: float, pricing: Pricing, t
     if per_prompt is not None and per_generated is not None:
         p, g = pricing.blend
         blended = (p * per_prompt + g * per_generated) / (p + g)
+    total = prompt_tokens + generated_tokens
     return Cost(hour_usd=hour, prompt_share=share, usd_per_m_prompt=per_prompt,
-                usd_per_m_generated=per_generated, usd_per_m_blended=blended)
+                usd_per_m_generated=per_generated, usd_per_m_blended=blended,
+                usd_per_m_tokens=run_usd / total * 1e6 if total else None)

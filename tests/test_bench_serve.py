@@ -337,6 +337,7 @@ def test_cost_per_million_tokens_splits_prompt_and_generation() -> None:
     assert cost.usd_per_m_prompt == pytest.approx(1.5 / 200 * 1e6)
     assert cost.usd_per_m_generated == pytest.approx(4.5 / 100 * 1e6)
     assert cost.usd_per_m_blended == pytest.approx((4 * 7500 + 45000) / 5)
+    assert cost.usd_per_m_tokens == pytest.approx(6.0 / 300 * 1e6)  # the whole run over all 300 tokens
     # A tier the config does not name is priced at --gpus-per-replica, times the replicas.
     other = Pricing(gpu_hour_usd=3.0, default_gpus=1.0, replicas=2)
     assert cost_of(records, 3600.0, other, "small").hour_usd == 6.0
@@ -350,7 +351,8 @@ def test_cli_prices_each_tier_from_the_config_and_falls_with_load(base_url: str,
     out = tmp_path / "priced.json"
     done = subprocess.run(
         [sys.executable, "-m", "mixtral_serve.cli", "bench", "serve", "--base-url", base_url, "--tier", "alpha,beta",
-         "--sweep", "concurrency=1,4", "--num-requests", "8", "--input-len", "16", "--output-len", "8", "--warmup", "1",
+         # Enough work that batching four users, not timing noise, decides the two runs' lengths.
+         "--sweep", "concurrency=1,4", "--num-requests", "16", "--input-len", "16", "--output-len", "32", "--warmup", "2",
          "--gpu-hour-usd", "2.5", "--config", str(config), "--price-blend", "3:1", "--out", str(out), "--no-progress"],
         capture_output=True, text=True, timeout=120,
     )
@@ -362,7 +364,8 @@ def test_cli_prices_each_tier_from_the_config_and_falls_with_load(base_url: str,
     for tier in ("alpha", "beta"):
         light, heavy = (r.cost for r in result.runs if r.tier == tier)
         assert light and heavy and light.usd_per_m_blended and heavy.usd_per_m_blended
-        assert heavy.usd_per_m_blended < light.usd_per_m_blended  # four users share the same hour
+        assert light.usd_per_m_tokens and heavy.usd_per_m_tokens
+        assert heavy.usd_per_m_tokens < light.usd_per_m_tokens  # four users share the same hour
     cpu_only = config.with_name("cpu.yaml")
     cpu_only.write_text(config.read_text().replace("num_gpus: 4", "num_gpus: 0"))
     refused = subprocess.run(
