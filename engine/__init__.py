@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from engine.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
+from engine.lora_request import LoRARequest
 from engine.sampling_params import SamplingParams
 from engine.structured_output import StructuredOutput
 
@@ -12,7 +13,7 @@ if TYPE_CHECKING:
     from engine.llm import LLM, GenerationResult
 
 __all__ = ["LLM", "GenerationResult", "SamplingParams", "StructuredOutput", "EngineConfig", "CacheConfig",
-           "SchedulerConfig"]
+           "SchedulerConfig", "LoRAConfig", "LoRARequest"]
 
 
 def __getattr__(name: str) -> Any:

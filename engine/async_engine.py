@@ -31,6 +31,7 @@ from engine.outputs import (
     RequestFailedError,
     RequestOutput,
 )
+from engine.lora_request import LoRARequest
 from engine.ranks import RankPlacement, WorkerLauncher, launch_local
 from engine.sampling_params import SamplingParams
 
@@ -106,6 +107,7 @@ class AsyncEngine:
         params: SamplingParams,
         priority: int = 0,
         continuation: bool = True,
+        lora: LoRARequest | None = None,
     ) -> AsyncIterator[list[RequestOutput]]:
         """Yields every `RequestOutput` that arrived since the previous read (one per step that
         produced tokens, in order; the last with `finished`).
@@ -120,7 +122,7 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = _Stream()
         self._streams[request_id] = stream
-        self.core.send(AddRequest(request_id, prompt_ids, params, priority, continuation))
+        self.core.send(AddRequest(request_id, prompt_ids, params, priority, continuation, lora))
         finished = False
         try:
             while not finished:
@@ -152,9 +154,10 @@ class AsyncEngine:
         params: SamplingParams,
         priority: int = 0,
         continuation: bool = True,
+        lora: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """`stream()`, one `RequestOutput` at a time."""
-        async for outputs in self.stream(request_id, prompt, params, priority, continuation):
+        async for outputs in self.stream(request_id, prompt, params, priority, continuation, lora):
             for out in outputs:
                 yield out
 

@@ -84,6 +84,16 @@ class DecodeGraphConfig(_Strict):
     max_context: int = Field(8192, ge=1)
 
 
+class LoRAConfig(_Strict):
+    """LoRA adapters per request (engine/lora_weights.py). Every slot holds one adapter's weights for
+    every layer at `max_lora_rank`, allocated at start-up; 0 slots turn adapters off."""
+
+    max_loras: int = Field(0, ge=0)  # adapters resident at once (one step mixes all of them)
+    max_lora_rank: int = Field(16, ge=1, le=512)
+    # Adapters read from disk kept in host memory, so one evicted from its slot reloads without I/O.
+    max_cpu_loras: int = Field(16, ge=1)
+
+
 class EngineConfig(_Strict):
     # A checkpoint folder; None = the embedded tiny random-weight checkpoint (written on first use).
     model: str | None = None
@@ -116,6 +126,7 @@ class EngineConfig(_Strict):
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     decode_graphs: DecodeGraphConfig = DecodeGraphConfig()
+    lora: LoRAConfig = LoRAConfig()
     load_progress: bool = True
     # Threads a step computes on (CPU). None: every physical core this process may run on, shared
     # evenly by tensor-parallel ranks; OMP_NUM_THREADS is not read (Ray sets it to 1 in actors that

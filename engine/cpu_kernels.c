@@ -32,6 +32,7 @@
 #include <stdbool.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -306,10 +307,13 @@ static void share_tasks(const int64_t *active, int64_t n_active, const int64_t *
 // out [T, D] bf16 = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]), on num_threads threads.
 // Weights are bf16, or e4m3 bytes when their scales are given (w13_scale [E, I/32, 64] in panel
 // order, w2_scale [E, D]). Scratch, sized by the caller for R = T * k + E * 15 rows: xs [R, D]
-// bf16, act [R, I] bf16, y [R, D] fp32, slot_of [T * k] int32.
+// bf16, act [R, I] bf16, y [R, D] fp32, slot_of [T * k] int32. `delta13` (NULL: none), fp32
+// [T * k, 2I] in (token, choice) order, is added to the first matmul before the activation (LoRA
+// on w1 and w3: the gate rows, then the up rows); act and slot_of are left for the caller.
 void moe_forward(const uint16_t *x, const int64_t *ids, const float *weights, int64_t T, int64_t k, int64_t E,
                  int64_t D, int64_t I, int64_t num_threads, const void *w13, const void *w2, const float *w13_scale,
-                 const float *w2_scale, uint16_t *out, uint16_t *xs, uint16_t *act, float *y, int32_t *slot_of) {
+                 const float *w2_scale, const float *delta13, uint16_t *out, uint16_t *xs, uint16_t *act, float *y,
+                 int32_t *slot_of) {
     // Counting sort of (token, choice) pairs by expert; each expert's rows start on a 16-row
     // boundary so an A tile never spans two experts.
     int64_t count[E], start[E + 1], fill[E];
@@ -319,6 +323,11 @@ void moe_forward(const uint16_t *x, const int64_t *ids, const float *weights, in
     for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + (count[e] + ROWS - 1) / ROWS * ROWS;
     memcpy(fill, start, sizeof fill);
     for (int64_t i = 0; i < T * k; ++i) slot_of[i] = (int32_t)fill[ids[i]]++;
+    int32_t *pair_of = NULL;  // the (token, choice) pair of each row, where delta13 is read
+    if (delta13) {
+        pair_of = malloc(start[E] * sizeof *pair_of);
+        for (int64_t i = 0; i < T * k; ++i) pair_of[slot_of[i]] = (int32_t)i;
+    }
     // Tasks: (expert, panel) pairs over active experts, in weight order, shared by cost.
     int64_t active[E], n_active = 0;
     for (int64_t e = 0; e < E; ++e)
@@ -353,6 +362,14 @@ void moe_forward(const uint16_t *x, const int64_t *ids, const float *weights, in
                     if (r >= rows) {  // padding rows: zeros for the second matmul
                         memset(dst, 0, 64);
                         continue;
+                    }
+                    if (delta13) {
+                        const float *d = delta13 + (int64_t)pair_of[r0 + r] * 2 * I + p * 32;
+#pragma omp simd
+                        for (int j = 0; j < 32; ++j) {
+                            c[r][j] += d[j];
+                            c[r][32 + j] += d[I + j];
+                        }
                     }
 #pragma omp simd
                     for (int j = 0; j < 32; ++j) {
@@ -392,6 +409,7 @@ void moe_forward(const uint16_t *x, const int64_t *ids, const float *weights, in
         }
         release_tiles();
     }
+    free(pair_of);
 }
 
 // out [T, N] (bf16, or fp32 when out_fp32) = x [T, K] @ W^T for W packed in panels of 64 output

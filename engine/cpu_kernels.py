@@ -114,7 +114,7 @@ def _library(isa: Isa) -> ctypes.CDLL | None:
         log.warning("the kernel refused AMX tile data (arch_prctl); using oneDNN and PyTorch ops")
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.moe_forward.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.moe_forward.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.moe_forward.restype = None
     lib.linear.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64, ptr]
     lib.linear.restype = None
@@ -251,12 +251,24 @@ class CpuExperts:
         topk_ids: torch.Tensor,  # [T, k]
     ) -> torch.Tensor:
         """sum_k weight_k * expert_k(x) for each token, [T, D] bf16."""
+        return self.run(x, topk_weights, topk_ids)[0]
+
+    def run(
+        self,
+        x: torch.Tensor,  # [T, D] bf16
+        topk_weights: torch.Tensor,  # [T, k] fp32
+        topk_ids: torch.Tensor,  # [T, k]
+        delta13: torch.Tensor | None = None,  # [T*k, 2I] fp32, added before the activation (LoRA)
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block's output [T, D] bf16 and, with `delta13`, each (token, choice) pair's activation
+        [T*k, I] (what a LoRA on w2 multiplies)."""
         t, k = topk_ids.shape
         d, i, e = self.hidden, self.intermediate, self.num_experts
         rows = t * k + e * (TILE_ROWS - 1)  # every expert's rows padded to whole tiles
         x = x.contiguous()
         ids = topk_ids.to(torch.int64).contiguous()  # [T, k]
         weights = topk_weights.to(torch.float32).contiguous()  # [T, k]
+        delta = None if delta13 is None else delta13.to(torch.float32).contiguous()  # [T*k, 2I]
         out = torch.empty(t, d, dtype=torch.bfloat16)  # [T, D]
         xs = torch.empty(rows, d, dtype=torch.bfloat16)  # [R, D] tokens grouped by expert
         act = torch.empty(rows, i, dtype=torch.bfloat16)  # [R, I] silu(x w1) * (x w3)
@@ -264,10 +276,10 @@ class CpuExperts:
         slot_of = torch.empty(t * k, dtype=torch.int32)  # [T k] row of each (token, choice)
         self._forward(
             x.data_ptr(), ids.data_ptr(), weights.data_ptr(), t, k, e, d, i, _threads(self._bytes(ids)),
-            self.w13.data_ptr(), self.w2.data_ptr(), _ptr(self.w13_scale), _ptr(self.w2_scale), out.data_ptr(),
-            xs.data_ptr(), act.data_ptr(), y.data_ptr(), slot_of.data_ptr(),
+            self.w13.data_ptr(), self.w2.data_ptr(), _ptr(self.w13_scale), _ptr(self.w2_scale), _ptr(delta),
+            out.data_ptr(), xs.data_ptr(), act.data_ptr(), y.data_ptr(), slot_of.data_ptr(),
         )
-        return out
+        return out, None if delta13 is None else act.index_select(0, slot_of.long())
 
 
 class CpuLinear:

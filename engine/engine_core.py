@@ -36,6 +36,7 @@ import torch
 from engine.checkpoint import default_model_dir
 from engine.config import EngineConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
+from engine.lora_request import LoRARequest
 from engine.outputs import EngineDeadError, EngineStats, RequestOutput, StepFailedError
 from engine.ranks import RankPlacement, WorkerLauncher
 from engine.request_limits import RequestLimits
@@ -54,6 +55,7 @@ class AddRequest:
     params: SamplingParams
     priority: int
     continuation: bool
+    lora: LoRARequest | None = None
 
 
 Command = AddRequest | str | SchedulerConfig  # a str aborts that request id
@@ -105,7 +107,8 @@ class CoreLoop:
                     delivered.append((cmd, aborted))  # ends the stream of an `abort()` caller
             else:
                 try:
-                    self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.priority, cmd.continuation)
+                    self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.priority, cmd.continuation,
+                                            cmd.lora)
                 except Exception as err:  # noqa: BLE001 - reported to that request's caller
                     delivered.append((cmd.request_id, err))
         try:

@@ -17,6 +17,8 @@ fp32 accumulation and both scales are applied once, after the K loop.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -24,6 +26,9 @@ import triton.language as tl
 
 from engine.quant import FP8, quantize_act_fp8
 from engine.triton_support import has_fp8_tensor_cores, interpreting
+
+if TYPE_CHECKING:
+    from engine.lora_weights import ExpertLoRA
 
 # (largest batch of tokens, tile config). NOTE: small batches touch few rows per expert, so
 # they take short, wide tiles (BLOCK_M 16) and stream weights; large batches take square tiles and
@@ -261,8 +266,10 @@ def fused_moe_triton(
     a2_scale: torch.Tensor | None = None,
     quantize_activations: bool | None = None,
     config: dict[str, int] | None = None,
+    lora: "ExpertLoRA | None" = None,
 ) -> torch.Tensor:
     """sum_k weight_k * w2_e(silu(w1_e x) * w3_e x) for each token's k chosen experts -> [T, D] in x's dtype.
+    `lora`: each pair's adapter added to w1/w3 before the activation and to w2 (engine/lora_weights.py).
 
     fp8 weights (scales given): with `quantize_activations` (w8a8) activations are quantised per
     token, or with the static scales, and the dots run on fp8 tensor cores; without it (w8a16) the
@@ -283,7 +290,18 @@ def fused_moe_triton(
     a1, a1_scale = quantize_act_fp8(x, a13_scale) if fp8_acts else (x, None)  # [T, D], [T, 1]
     h = torch.empty(num_tokens * top_k, two_inter, dtype=x.dtype, device=x.device)  # [T*k, 2I]
     _grouped_gemm(a1, w13, h, a1_scale, w13_scale, None, routing, top_k, cfg)
+    groups = None if lora is None else lora.groups()
+    if lora is not None:
+        lora.add13(h, x.repeat_interleave(top_k, dim=0), groups)
     a2, a2_row_scale = _silu_and_mul(h, a2_scale if fp8_acts else None, fp8_acts)  # [T*k, I], [T*k, 1]
     out = torch.empty(num_tokens * top_k, w2.shape[1], dtype=x.dtype, device=x.device)  # [T*k, D]
     _grouped_gemm(a2, w2, out, a2_row_scale, w2_scale, pairs_weight, routing, 1, cfg)
+    if lora is not None:
+        # The adapter reads the activation unquantised (a2 may be fp8); its product is weighted as
+        # the kernel weighted the expert's.
+        inter = two_inter // 2
+        act = (F.silu(h[:, :inter].float()) * h[:, inter:].float()).to(x.dtype)  # [T*k, I]
+        extra = torch.zeros_like(out)  # [T*k, D]
+        lora.add2(extra, act, groups)
+        out += extra * pairs_weight.unsqueeze(-1).to(out.dtype)
     return out.view(num_tokens, top_k, -1).sum(dim=1)  # [T, D]

@@ -29,9 +29,10 @@ class Block:
     # the cache does not name is missed by later lookups: a lost hit, never a wrong one.
     fill_id: int = -1
     parent_fill: int | None = None
+    root: str | None = None  # the adapter its K/V were computed under (None: the base model)
 
 
-def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+def chain_hash(parent: int | str | None, tokens: tuple[int, ...]) -> int:
     return hash((parent, tokens))
 
 
@@ -62,9 +63,14 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    @staticmethod
+    def _root(seq: Sequence) -> str | None:
+        """What a prefix's chain starts from: K/V differ under each adapter, so each has its own chains."""
+        return None if seq.lora is None else seq.lora.key
+
     def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[tuple[int, tuple[int, ...]]]:
         out: list[tuple[int, tuple[int, ...]]] = []
-        parent: int | None = None
+        parent: int | str | None = self._root(seq)
         for b in range(num_blocks):
             tokens = tuple(seq.token_ids[b * self.block_size : (b + 1) * self.block_size])
             parent = chain_hash(parent, tokens)
@@ -78,12 +84,13 @@ class BlockManager:
         full = (seq.num_tokens - 1) // self.block_size
         hits: list[int] = []
         parent_fill: int | None = None
+        root = self._root(seq)
         for h, tokens in self._block_hashes(seq, full):
             block_id = self.cached.get(h)
             if block_id is None:
                 break
             block = self.blocks[block_id]
-            if block.tokens != tokens or block.parent_fill != parent_fill:
+            if block.tokens != tokens or block.parent_fill != parent_fill or block.root != root:
                 break
             hits.append(block_id)
             parent_fill = block.fill_id
@@ -145,13 +152,13 @@ class BlockManager:
         last = seq.num_computed_tokens // self.block_size
         if last <= first:
             return
-        parent = self.blocks[seq.block_table[first - 1]].hash if first else None
+        parent = self.blocks[seq.block_table[first - 1]].hash if first else self._root(seq)
         for b in range(first, last):
             tokens = tuple(seq.token_ids[b * self.block_size : (b + 1) * self.block_size])
             parent = chain_hash(parent, tokens)
             block = self.blocks[seq.block_table[b]]
             if block.hash is None:
-                block.hash, block.tokens = parent, tokens
+                block.hash, block.tokens, block.root = parent, tokens, self._root(seq)
                 block.parent_fill = self.blocks[seq.block_table[b - 1]].fill_id if b else None
                 self.cached.setdefault(parent, block.block_id)
 

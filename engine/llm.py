@@ -10,6 +10,7 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.lora_request import LoRARequest
 from engine.sampling_params import SamplingParams
 from engine.sequence import TokenLogprob
 
@@ -63,33 +64,46 @@ class LLM:
         self,
         prompts: str | Sequence[str] | Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[GenerationResult]:
         """Runs every prompt to completion in shared batches; results keep the input order.
-        `params`: one for every prompt, or a list with one per prompt (as vLLM's)."""
+        `params`, `lora_request`: one for every prompt, or a list with one per prompt (as vLLM's)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         encoded = [
             self.tokenizer.encode(p, add_bos=True) if isinstance(p, str) else list(p) for p in prompts
         ]
-        return self._run(encoded, params or SamplingParams(), continuation=True)
+        return self._run(encoded, params or SamplingParams(), lora_request, continuation=True)
 
-    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None) -> GenerationResult:
+    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None,
+             lora_request: LoRARequest | None = None) -> GenerationResult:
         """One assistant reply to a conversation, through the checkpoint's chat template."""
         prompt_ids = self.engine.encode_chat(messages)
-        return self._run([prompt_ids], params or SamplingParams(), continuation=False)[0]
+        return self._run([prompt_ids], params or SamplingParams(), lora_request, continuation=False)[0]
+
+    @staticmethod
+    def _per_prompt(value: Any, single: type | None, count: int, what: str) -> list[Any]:
+        """One value for each prompt: the same one for all, or a list of one each."""
+        values = [value] * count if value is None or isinstance(value, single) else list(value)  # type: ignore[arg-type]
+        if len(values) != count:
+            raise ValueError(f"{len(values)} {what} for {count} prompts")
+        return values
 
     def _run(
-        self, prompts: list[list[int]], params: SamplingParams | Sequence[SamplingParams], continuation: bool
+        self, prompts: list[list[int]], params: SamplingParams | Sequence[SamplingParams],
+        lora: LoRARequest | Sequence[LoRARequest | None] | None, continuation: bool,
     ) -> list[GenerationResult]:
-        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(per_prompt) != len(prompts):
-            raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
-        for prompt_ids, p in zip(prompts, per_prompt):  # all or nothing: a bad prompt must not strand the others
+        per_prompt = self._per_prompt(params, SamplingParams, len(prompts), "SamplingParams")
+        adapters = self._per_prompt(lora, LoRARequest, len(prompts), "LoRARequests")
+        # All or nothing: a bad prompt or adapter must not strand the others.
+        for prompt_ids, p, adapter in zip(prompts, per_prompt, adapters):
             self.engine.validate(prompt_ids, p)
+            if adapter is not None:
+                self.engine.check_adapter(adapter)
         results: dict[str, GenerationResult] = {}
-        for prompt_ids, p in zip(prompts, per_prompt):
+        for prompt_ids, p, adapter in zip(prompts, per_prompt, adapters):
             request_id = f"offline-{next(self._ids)}"
-            self.engine.add_request(request_id, prompt_ids, p, continuation=continuation)
+            self.engine.add_request(request_id, prompt_ids, p, continuation=continuation, lora=adapter)
             results[request_id] = GenerationResult(
                 request_id, prompt_ids, [CompletionOutput(i) for i in range(p.n)]
             )

@@ -15,6 +15,9 @@ from engine.checkpoint import default_model_dir
 from engine.config import EngineConfig, SchedulerConfig
 from engine.grammar import GrammarCompiler, GrammarError
 from engine.kv_cache import BlockManager
+from engine.lora_adapter import AdapterError
+from engine.lora_request import LoRARequest
+from engine.lora_slots import SlotTable
 from engine.model_runner import StepOutput, build_runner
 from engine.outputs import (
     ChoiceDelta,
@@ -69,7 +72,8 @@ class LLMEngine:
         self.dtype = self.model.embed.dtype
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.blocks)
+        self.lora_slots = SlotTable(config.lora.max_loras) if config.lora.max_loras else None
+        self.scheduler = Scheduler(config.scheduler, self.blocks, self.lora_slots)
         log.info(
             "engine ready: %s in %s (tensor parallel %d), loaded in %.1fs; KV cache holds %d tokens",
             model_dir, str(self.dtype).removeprefix("torch."), world, self.load_seconds, self.kv_capacity_tokens,
@@ -108,12 +112,16 @@ class LLMEngine:
         params: SamplingParams,
         priority: int = 0,
         continuation: bool = True,
+        lora: LoRARequest | None = None,
     ) -> int:
-        """Queues a request; returns its prompt length. `continuation=False` for chat replies."""
+        """Queues a request; returns its prompt length. `continuation=False` for chat replies; `lora`:
+        the adapter it runs with (read and checked now, so a bad one fails this request alone)."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
         prompt_ids = self.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
         self.validate(prompt_ids, params)
+        if lora is not None:
+            self.check_adapter(lora)
         seqs: list[Sequence] = []
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
@@ -128,6 +136,7 @@ class LLMEngine:
                     generator=make_generator(seed),
                     priority=priority,
                     parent=seqs[0] if seqs else None,
+                    lora=lora,
                 )
             )
         self.requests[request_id] = seqs
@@ -137,6 +146,22 @@ class LLMEngine:
         else:  # scheduled once its grammar is compiled (at once when it is cached)
             self._compiling[request_id] = self.grammars.compile(params.structured_output)
         return len(prompt_ids)
+
+    def check_adapter(self, lora: LoRARequest) -> None:
+        """Reads the adapter (cached after the first time); RequestError naming what is wrong with it."""
+        if self.lora_slots is None:
+            raise RequestError("LoRA adapters are off in this engine: set lora.max_loras above 0", param="model")
+        try:
+            self.runner.adapters.get(lora)
+        except AdapterError as err:
+            raise RequestError(f"adapter {lora.name!r}: {err}", param="model") from None
+
+    def unload_adapter(self, lora: LoRARequest) -> None:
+        """Forgets the adapter's weights read from disk and frees its slot once nothing runs on it
+        (it reloads from disk if used again)."""
+        self.runner.adapters.drop(lora)
+        if self.lora_slots is not None:
+            self.lora_slots.evict(lora)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stops a request now and frees its KV blocks.
@@ -207,7 +232,8 @@ class LLMEngine:
         self.check_ranks()
         computed_before = {id(s.seq): s.seq.num_computed_tokens for s in batch}
         try:
-            result = self.runner.execute(batch, self._grammar_masks(batch))
+            loads = self.lora_slots.take_loads() if self.lora_slots is not None else None
+            result = self.runner.execute(batch, self._grammar_masks(batch), loads)
         except EngineDeadError:
             raise
         except Exception as err:

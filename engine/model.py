@@ -16,8 +16,9 @@ from torch import nn
 from engine import cpu_kernels
 from engine.attention import AttentionBackend, AttentionMetadata, DecodeKernel, paged_attention, write_kv
 from engine.linear import Linear
+from engine.lora_weights import StepLoRA
 from engine.model_config import ModelConfig
-from engine.moe import Expert, MoEBackend, fused_moe, make_experts, select_experts
+from engine.moe import Expert, MoEBackend, cpu_moe_with_lora, fused_moe, make_experts, select_experts
 from engine.parallel import LocalShape, TPGroup
 from engine.quant import FP8
 
@@ -125,10 +126,14 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [T, 1, hd]
         kv_cache: torch.Tensor,  # [2, S, KVH, hd]
         meta: AttentionMetadata,
+        lora: StepLoRA | None = None,
     ) -> torch.Tensor:
         assert self.qkv_proj is not None and self.o_proj is not None, "call Mixtral.prepare() after loading"
         t = x.shape[0]
-        qkv = self.qkv_proj(x).view(t, self.n_heads + 2 * self.n_kv, self.hd)  # [T, H + 2 KVH, hd]
+        qkv = self.qkv_proj(x)  # [T, (H + 2 KVH) hd]
+        if lora is not None:
+            lora.add_qkv(qkv, x)
+        qkv = qkv.view(t, self.n_heads + 2 * self.n_kv, self.hd)  # [T, H + 2 KVH, hd]
         k_cache, v_cache = kv_cache[0], kv_cache[1]  # [S, KVH, hd] each
         if self.rope_kernel is not None:  # rotates q and k in place and writes this step's K/V
             self.rope_kernel(qkv, *rope, meta.slot_mapping, k_cache, v_cache)
@@ -140,7 +145,10 @@ class Attention(nn.Module):
             v = qkv[:, self.n_heads + self.n_kv :]  # [T, KVH, hd]
             write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.decode_kernel)  # [T, H hd]
-        return self.tp.all_reduce(self.o_proj(attn))  # [T, D] summed over ranks' heads
+        out = self.o_proj(attn)  # [T, D] this rank's heads' share
+        if lora is not None:
+            lora.add_o(out, attn)
+        return self.tp.all_reduce(out)  # [T, D] summed over ranks' heads
 
 
 class MoE(nn.Module):
@@ -191,18 +199,22 @@ class MoE(nn.Module):
         if isa is not None:
             self.router = cpu_kernels.Router(isa, self.gate_f32, self.top_k)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, lora: StepLoRA | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the block output [T, D] and each token's chosen experts [T, k]."""
         if self.router is not None:
             weights, ids = self.router(x)  # [T, k], [T, k]
         else:
             weights, ids = select_experts(x.float() @ self.gate_f32.t(), self.top_k)  # [T, k], [T, k]
+        experts_lora = None if lora is None else lora.experts(ids)
         if self.triton_moe is not None:
-            out = self.triton_moe(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale)  # [T, D]
+            out = self.triton_moe(x, self.w13, self.w2, weights, ids, self.w13_scale, self.w2_scale,
+                                  lora=experts_lora)  # [T, D]
+        elif self.cpu_experts is not None and experts_lora is not None:
+            out = cpu_moe_with_lora(self.cpu_experts, x, weights, ids, experts_lora)  # [T, D] this rank's part
         elif self.cpu_experts is not None:
             out = self.cpu_experts(x, weights, ids)  # [T, D] partial sum over this rank's slice
         else:
-            out = fused_moe(x, self.experts, weights, ids)  # [T, D] partial sum over this rank's slice
+            out = fused_moe(x, self.experts, weights, ids, experts_lora)  # [T, D] partial sum over this rank's slice
         return self.tp.all_reduce(out), ids
 
 
@@ -266,9 +278,10 @@ class Mixtral(nn.Module):
         positions: torch.Tensor,  # [T]
         kv_caches: torch.Tensor,  # [L, 2, S, KVH, hd]
         meta: AttentionMetadata,
+        lora: StepLoRA | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Final hidden states [T, D] (normalised; `logits` projects the rows that sample) and
-        each layer's expert choices [L, T, k]."""
+        each layer's expert choices [L, T, k]; `lora`: the adapters of the step's rows."""
         h = F.embedding(input_ids, self.embed)  # [T, D] residual stream
         rope = self.rotary.tables(positions)
         routed: list[torch.Tensor] = []
@@ -276,8 +289,10 @@ class Mixtral(nn.Module):
         # Each residual add is done together with the norm that follows it.
         next_norms = [layer.attn_norm for layer in self.layers[1:]] + [self.norm]
         for i, layer in enumerate(self.layers):
-            h, x = layer.ffn_norm.add_forward(h, layer.attn(x, rope, kv_caches[i], meta))  # [T, D] x2
-            moe_out, ids = layer.moe(x)  # [T, D], [T, k]
+            if lora is not None:
+                lora.layer = i
+            h, x = layer.ffn_norm.add_forward(h, layer.attn(x, rope, kv_caches[i], meta, lora))  # [T, D] x2
+            moe_out, ids = layer.moe(x, lora)  # [T, D], [T, k]
             h, x = next_norms[i].add_forward(h, moe_out)  # [T, D] x2
             routed.append(ids)
         return x, torch.stack(routed)

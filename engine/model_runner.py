@@ -10,12 +10,14 @@ from pathlib import Path
 import torch
 
 from engine.attention import AttentionMetadata, PrefillChunk, resolve_attention_backend
-from engine.config import DecodeGraphConfig, EngineConfig
+from engine.config import DecodeGraphConfig, EngineConfig, LoRAConfig
 from engine.decode_graphs import DecodeGraphs, DecodeInputs
 from engine.host_cpus import step_threads
 from engine.host_memory import keep_freed_memory
 from engine.linear import onednn_bf16_available
 from engine.loader import load_model
+from engine.lora_request import LoRARequest
+from engine.lora_weights import AdapterCache, LoRAWeights
 from engine.cpu_kernels import resolve_isa
 from engine.model import Mixtral
 from engine.moe import resolve_moe_backend
@@ -49,6 +51,7 @@ class StepItem:
     token_ids: list[int]  # the tokens computed this step
     start: int  # position of the first of them
     block_table: list[int]
+    lora_slot: int = -1  # the adapter slot it runs (-1: the base model)
 
     @property
     def is_decode(self) -> bool:
@@ -73,6 +76,7 @@ class ModelRunner:
         device: torch.device,
         eos_id: int,
         graphs: DecodeGraphConfig | None = None,
+        lora: LoRAConfig = LoRAConfig(),
     ) -> None:
         cfg = model.cfg
         self.model = model
@@ -97,6 +101,9 @@ class ModelRunner:
                                          device=device)  # [L * E]
         self._expert_offsets = torch.arange(cfg.num_hidden_layers, device=device).view(-1, 1, 1) * cfg.num_local_experts
         self.graphs = None if graphs is None else DecodeGraphs(graphs, self._decode_forward, block_size, device)
+        self.adapters = AdapterCache(cfg, lora.max_lora_rank, lora.max_cpu_loras)
+        self.lora = None if not lora.max_loras else LoRAWeights(
+            cfg, model.local, lora.max_loras, lora.max_lora_rank, dtype, device)
 
     def _tensor(self, data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         """Host data on the device; on GPUs through pinned memory, so the copy does not block the host."""
@@ -179,10 +186,17 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(input_ids, positions, self.kv_caches, meta)
 
+    def _load_adapters(self, loads: list[tuple[int, LoRARequest]]) -> None:
+        assert self.lora is not None or not loads
+        for slot, request in loads:
+            self.lora.load(slot, self.adapters.get(request))  # type: ignore[union-attr]
+
     def _forward(self, items: list[StepItem]) -> torch.Tensor:
         """Hidden states [T, D] of the step's tokens; counts their experts on the device."""
         graphs, bucket = self.graphs, None
-        if graphs is not None and all(item.is_decode for item in items):
+        lora = None if self.lora is None else self.lora.step(
+            [item.lora_slot for item in items for _ in item.token_ids], self.device)
+        if graphs is not None and lora is None and all(item.is_decode for item in items):
             bucket = graphs.bucket(len(items), max(item.start for item in items) + 1)
         if graphs is not None and bucket is not None:
             n = len(items)
@@ -190,25 +204,29 @@ class ModelRunner:
             hidden, routed = hidden[:n], routed[:, :n]  # the padding rows dropped
         else:
             input_ids, positions, meta = self._build(items)
-            hidden, routed = self.model(input_ids, positions, self.kv_caches, meta)  # [T, D], [L, T, k]
+            hidden, routed = self.model(input_ids, positions, self.kv_caches, meta, lora)  # [T, D], [L, T, k]
         flat = (routed + self._expert_offsets).flatten()  # [L * T * k] layer-major expert ids
         self.expert_counts.scatter_add_(0, flat, torch.ones_like(flat))  # no bincount: no host sync
         return hidden
 
-    def execute(self, batch: list[ScheduledSeq], allowed: dict[int, torch.Tensor] | None = None) -> StepOutput:
+    def execute(self, batch: list[ScheduledSeq], allowed: dict[int, torch.Tensor] | None = None,
+                loads: list[tuple[int, LoRARequest]] | None = None) -> StepOutput:
         """Runs one step on every rank; reorders `batch` in place (decodes first). `allowed`: by
-        seq_id, the grammar's bit mask of next tokens for constrained sequences that sample."""
+        seq_id, the grammar's bit mask of next tokens for constrained sequences that sample;
+        `loads`: adapters to write into their slots first."""
         items = [
             StepItem(
                 s.seq.token_ids[s.seq.num_computed_tokens : s.seq.num_computed_tokens + s.num_new_tokens],
                 s.seq.num_computed_tokens,
                 list(s.seq.block_table),
+                s.seq.lora_slot,
             )
             for s in batch
         ]
         order = sorted(range(len(batch)), key=lambda i: not items[i].is_decode)  # stable: decodes first
         batch[:] = [batch[i] for i in order]
-        items = self.tp.broadcast([items[i] for i in order])
+        items, loads = self.tp.broadcast(([items[i] for i in order], loads or []))
+        self._load_adapters(loads)
         hidden = self._forward(items)
         sampled, rows_at, end = [], [], -1
         for s in batch:  # the last row of each item that samples, found on the host (no mask indexing)
@@ -233,7 +251,9 @@ class ModelRunner:
 
     def serve_forever(self) -> None:
         """Ranks > 0: run each step rank 0 broadcasts, until it broadcasts None."""
-        while (items := self.tp.broadcast(None)) is not None:
+        while (step := self.tp.broadcast(None)) is not None:
+            items, loads = step
+            self._load_adapters(loads)
             self._forward(items)
 
 
@@ -293,7 +313,7 @@ def build_runner(config: EngineConfig, tp: TPGroup, eos_id: int) -> ModelRunner:
     # NOTE: only the Triton MoE can be captured: the torch path reads expert counts on the host.
     capturable = device.type == "cuda" and moe_backend == "triton"
     graphs = config.decode_graphs if config.decode_graphs.max_batch and capturable else None
-    runner = ModelRunner(model, num_blocks, block_size, device, eos_id, graphs)
+    runner = ModelRunner(model, num_blocks, block_size, device, eos_id, graphs, config.lora)
     runner.capture_graphs()  # every rank, in the same order: captured steps hold their collectives
     return runner
 

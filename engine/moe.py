@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ from engine import cpu_kernels
 from engine.linear import Linear
 from engine.model_config import ModelConfig
 from engine.parallel import LocalShape, TPGroup
+
+if TYPE_CHECKING:
+    from engine.lora_weights import ExpertLoRA
 
 
 MoEBackend = Literal["torch", "triton", "cpu"]
@@ -84,8 +87,10 @@ def fused_moe(
     experts: Sequence[Expert],
     topk_weights: torch.Tensor,  # [T, k] fp32
     topk_ids: torch.Tensor,  # [T, k]
+    lora: "ExpertLoRA | None" = None,
 ) -> torch.Tensor:
-    """sum_k weight_k * expert_k(x) for each token's k chosen experts.
+    """sum_k weight_k * expert_k(x) for each token's k chosen experts (with `lora`: each pair's adapter
+    added to w1/w3 before the activation and to w2).
 
     NOTE: tokens are grouped by expert (one stable sort) so each active expert runs one
     matmul over all of its tokens: efficient from batch 1 (two small matmuls) to thousands
@@ -107,9 +112,14 @@ def fused_moe(
         ends = list(itertools.accumulate(counts))
         runs = [(e, end - n, end) for e, (n, end) in enumerate(zip(counts, ends)) if n]
     h = torch.cat([experts[e].gate_up(xs[start:end]) for e, start, end in runs])  # [T*k, 2I]
+    groups = None if lora is None else lora.groups(order)
+    if lora is not None:
+        lora.add13(h, xs, groups)
     inter = h.shape[1] // 2
     act = F.silu(h[:, :inter]) * h[:, inter:]  # [T*k, I]
     y = torch.cat([experts[e].down(act[start:end]) for e, start, end in runs])  # [T*k, D] sorted
+    if lora is not None:
+        lora.add2(y, act, groups)
     if order is None:
         unsorted = y  # [k, D]
     else:
@@ -119,3 +129,25 @@ def fused_moe(
     # deterministic, and index_add_ (scatter_add) is slow on CPU for these shapes.
     weighted = unsorted.view(num_tokens, top_k, -1) * topk_weights.to(x.dtype).unsqueeze(-1)  # [T, k, D]
     return weighted.sum(dim=1)  # [T, D]
+
+
+def cpu_moe_with_lora(
+    kernel: cpu_kernels.CpuExperts,
+    x: torch.Tensor,  # [T, D] bf16
+    topk_weights: torch.Tensor,  # [T, k] fp32
+    topk_ids: torch.Tensor,  # [T, k]
+    lora: "ExpertLoRA",
+) -> torch.Tensor:
+    """The CPU kernel's block with adapters: their w1/w3 products go into the kernel (added before
+    the activation), their w2 products onto its output, weighted as the experts' are."""
+    t, k = topk_ids.shape
+    groups = lora.groups()
+    xs = x.repeat_interleave(k, dim=0)  # [T*k, D] each pair's token
+    delta13 = torch.zeros(t * k, 2 * kernel.intermediate, dtype=torch.float32)  # [T*k, 2I]
+    lora.add13(delta13, xs, groups)
+    out, act = kernel.run(x, topk_weights, topk_ids, delta13)  # [T, D], [T*k, I]
+    assert act is not None
+    y = torch.zeros(t * k, kernel.hidden, dtype=torch.float32)  # [T*k, D]
+    lora.add2(y, act, groups)
+    extra = (y.view(t, k, -1) * topk_weights.float().unsqueeze(-1)).sum(dim=1)  # [T, D]
+    return (out.float() + extra).to(out.dtype)

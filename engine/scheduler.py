@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from engine.config import SchedulerConfig
 from engine.kv_cache import BlockManager
 from engine.latency_controller import LatencyController
+from engine.lora_slots import SlotTable
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -30,9 +31,10 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, lora_slots: SlotTable | None = None) -> None:
         self.config = config
         self.blocks = blocks
+        self.lora_slots = lora_slots
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -78,6 +80,12 @@ class Scheduler:
         else:
             self.waiting.append(seq)
 
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.lora_slot >= 0:
+            assert self.lora_slots is not None
+            self.lora_slots.release(seq.lora_slot)
+            seq.lora_slot = -1
+
     def remove(self, seq: Sequence) -> None:
         """Drop a sequence (finished or aborted) and free its blocks."""
         if seq in self.running:
@@ -85,6 +93,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free_seq(seq)
+        self._release_adapter(seq)
         if not self.has_work:
             self._step_in_flight = None  # the engine idles now: the next period is not a step
 
@@ -95,6 +104,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free_seq(seq)
+        self._release_adapter(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -126,19 +136,26 @@ class Scheduler:
             out.append(ScheduledSeq(seq, num_new))
             budget -= num_new
             i += 1
-        # 2. Waiting sequences, in order, while budget, sequence cap and blocks allow.
+        # 2. Waiting sequences, in order, while budget, sequence cap and blocks allow. One whose adapter
+        # finds no slot (every slot runs other adapters) waits; those behind it go on.
+        no_slot: list[Sequence] = []
         while self.waiting and budget > 0 and not preempted and len(self.running) < max_num_seqs:
             seq = self.waiting[0]
             if seq.parent is not None and seq.parent.in_prefill and not seq.parent.is_finished:
                 break
+            if seq.lora is not None and not self._take_adapter(seq):
+                no_slot.append(self.waiting.popleft())
+                continue
             hits = len(self.blocks.match_prefix(seq)) * self.blocks.block_size
             num_new = min(seq.num_tokens - hits, budget)
             if self.controller is not None:  # one more sequence in the step: its chunk must still fit
                 scheduled = sum(s.num_new_tokens for s in out)
                 num_new = min(num_new, self.controller.step_tokens(len(out) + 1, budget + scheduled) - scheduled)
                 if num_new <= 0:
+                    self._release_adapter(seq)
                     break
             if not self.blocks.admit(seq, num_new):
+                self._release_adapter(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -147,5 +164,14 @@ class Scheduler:
             self.running.append(seq)
             out.append(ScheduledSeq(seq, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(no_slot))
         self._step_in_flight = (now, len(out), sum(s.num_new_tokens for s in out)) if out else None
         return out
+
+    def _take_adapter(self, seq: Sequence) -> bool:
+        assert self.lora_slots is not None and seq.lora is not None
+        slot = self.lora_slots.acquire(seq.lora)
+        if slot is None:
+            return False
+        seq.lora_slot = slot
+        return True

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine.lora_request import LoRARequest
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -59,6 +60,8 @@ class Sequence:
     stop_reason: str | int | None = None  # the stop string or token that ended it
     logprobs: list[TokenLogprob] = field(default_factory=list)
     matcher: "LLMatcher | None" = None  # where a constrained sequence stands in its grammar
+    lora: LoRARequest | None = None  # the adapter it runs with
+    lora_slot: int = -1  # the device slot holding that adapter while it runs
     text: str = ""  # detokenized output, stop string removed
     num_text_emitted: int = 0  # characters of `text` already streamed
 
