@@ -658,3 +658,60 @@ void route(const uint16_t *x, const float *gate, int64_t T, int64_t D, int64_t E
         for (int64_t j = 0; j < k; ++j) weights[t * k + j] /= kept;
     }
 }
+
+// LoRA of a batch of rows, each with its own adapter group: for row t with g = index[t] >= 0,
+// h = A[g] x[t] (A [G, nR, K]), then for module j, the columns [c_j, c_j + size_j) of out take
+// out[t, c] += sum_r h[jR + r] * BT[g, r, c] (BT [G, R, N], B transposed so these rows are contiguous).
+// Weights and x bf16, sums fp32; out [T, N] bf16, or fp32 when out_fp32. Rows of group -1 are
+// left as they are. Scratch h [T, nR] fp32.
+void lora_add(const uint16_t *x, int64_t T, int64_t K, const int64_t *index, const uint16_t *a, int64_t nR,
+              const uint16_t *bt, int64_t R, int64_t N, const int64_t *splits, int64_t n_splits, void *out,
+              int64_t out_fp32, int64_t num_threads, float *h) {
+#pragma omp parallel num_threads(num_threads)
+    {
+        int64_t b, e_;
+        share(T * nR, &b, &e_);  // shrink: one (row, A row) dot product per task
+        for (int64_t task = b; task < e_; ++task) {
+            const int64_t t = task / nR, i = task % nR, g = index[t];
+            if (g < 0) continue;
+            const uint16_t *ar = a + (g * nR + i) * K, *xr = x + t * K;
+            __m512 acc = _mm512_setzero_ps();
+            int64_t k = 0;
+            for (; k + 16 <= K; k += 16) acc = _mm512_fmadd_ps(load_bf16x16(ar + k), load_bf16x16(xr + k), acc);
+            float sum = _mm512_reduce_add_ps(acc);
+            for (; k < K; ++k) sum += bf16_to_float(ar[k]) * bf16_to_float(xr[k]);
+            h[t * nR + i] = sum;
+        }
+#pragma omp barrier
+        const int64_t blocks = (N + 63) / 64;
+        share(T * blocks, &b, &e_);  // expand: 64 output columns of one row per task
+        for (int64_t task = b; task < e_; ++task) {
+            const int64_t t = task / blocks, c0 = task % blocks * 64, g = index[t];
+            if (g < 0) continue;
+            int64_t start = 0;
+            for (int64_t j = 0; j < n_splits; start += splits[j++]) {
+                const int64_t lo = c0 > start ? c0 : start, end = start + splits[j];
+                const int64_t hi = c0 + 64 < end ? c0 + 64 : end;
+                const float *hj = h + t * nR + j * R;
+                for (int64_t c = lo; c < hi; c += 16) {
+                    const __mmask16 m = hi - c >= 16 ? 0xFFFF : (__mmask16)((1u << (hi - c)) - 1);
+                    __m512 acc = _mm512_setzero_ps();
+                    for (int64_t r = 0; r < R; ++r) {
+                        const __m256i raw = _mm256_maskz_loadu_epi16(m, bt + (g * R + r) * N + c);
+                        const __m512 w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+                        acc = _mm512_fmadd_ps(_mm512_set1_ps(hj[r]), w, acc);
+                    }
+                    if (out_fp32) {
+                        float *dst = (float *)out + t * N + c;
+                        _mm512_mask_storeu_ps(dst, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), acc));
+                    } else {
+                        float sums[16];
+                        _mm512_storeu_ps(sums, acc);
+                        uint16_t *dst = (uint16_t *)out + t * N + c;
+                        for (int64_t q = 0; q < hi - c && q < 16; ++q) dst[q] = to_bf16(bf16_to_float(dst[q]) + sums[q]);
+                    }
+                }
+            }
+        }
+    }
+}

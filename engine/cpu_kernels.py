@@ -126,6 +126,8 @@ def _library(isa: Isa) -> ctypes.CDLL | None:
     lib.rope_and_cache.restype = None
     lib.route.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr]
     lib.route.restype = None
+    lib.lora_add.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, i64, ptr, i64, ptr, i64, i64, ptr]
+    lib.lora_add.restype = None
     return lib
 
 
@@ -417,3 +419,35 @@ class Router:
         self._kernel(x.data_ptr(), self.gate.data_ptr(), t, d, self.gate.shape[0], self.top_k,
                      _threads(x.numel() * 2 * self.gate.shape[0]), ids.data_ptr(), weights.data_ptr())
         return weights, ids
+
+
+class LoRAKernel:
+    """out += each row's adapter LoRA, for bf16 stacks A [G, nR, K] and B transposed [G, R, N]
+    (engine/lora_ops.py has the contract and the PyTorch paths)."""
+
+    def __init__(self, isa: Isa) -> None:
+        lib = _library(isa)
+        assert lib is not None, "resolve the ISA first"
+        self._kernel = lib.lora_add
+        self._splits: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def __call__(
+        self,
+        out: torch.Tensor,  # [T, N] bf16 or fp32, contiguous, updated in place
+        x: torch.Tensor,  # [T, K] bf16
+        index: torch.Tensor,  # [T] int64, -1: no adapter
+        a: torch.Tensor,  # [G, nR, K] bf16
+        bt: torch.Tensor,  # [G, R, N] bf16
+        splits: tuple[int, ...],  # columns of out per module
+    ) -> None:
+        t, k = x.shape
+        assert out.is_contiguous() and out.dtype in (torch.bfloat16, torch.float32) and x.dtype == torch.bfloat16
+        x = x.contiguous()
+        h = torch.empty(t, a.shape[1], dtype=torch.float32)  # [T, nR]
+        nbytes = t * (a[0].numel() + bt[0].numel()) * 2
+        columns = self._splits.setdefault(splits, torch.tensor(splits, dtype=torch.int64))
+        self._kernel(
+            x.data_ptr(), t, k, index.data_ptr(), a.data_ptr(), a.shape[1], bt.data_ptr(), bt.shape[1], bt.shape[2],
+            columns.data_ptr(), len(splits), out.data_ptr(), int(out.dtype == torch.float32), _threads(nbytes),
+            h.data_ptr(),
+        )

@@ -114,6 +114,17 @@ def _parse(
     return modules
 
 
+def declared_rank(path: str | Path) -> int | None:
+    """The rank an adapter folder's config declares (None when it declares none)."""
+    folder = Path(path)
+    if (folder / "adapter_config.json").is_file():
+        return int(json.loads((folder / "adapter_config.json").read_text())["r"])
+    if (folder / "params.json").is_file():
+        rank = (json.loads((folder / "params.json").read_text()).get("lora") or {}).get("rank")
+        return None if rank is None else int(rank)
+    return None
+
+
 def read_adapter(path: str | Path, cfg: ModelConfig, max_rank: int) -> LoRAAdapter:
     """The adapter in folder `path`, checked against base model `cfg` and the engine's rank limit."""
     folder = Path(path)

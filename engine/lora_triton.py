@@ -29,7 +29,7 @@ def _shrink_kernel(x_ptr, a_ptr, h_ptr, index_ptr, K, NR, stride_x, stride_ag, s
 
 
 @triton.jit
-def _expand_kernel(h_ptr, b_ptr, out_ptr, index_ptr, R, ROWS, row0, col0, stride_h, stride_bg, stride_bn,
+def _expand_kernel(h_ptr, b_ptr, out_ptr, index_ptr, R, ROWS, row0, col0, stride_h, stride_bg, stride_br,
                    stride_out, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     row = tl.program_id(0)
     group = tl.load(index_ptr + row)
@@ -37,7 +37,7 @@ def _expand_kernel(h_ptr, b_ptr, out_ptr, index_ptr, R, ROWS, row0, col0, stride
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         r = tl.arange(0, BLOCK_R)
         hv = tl.load(h_ptr + row * stride_h + col0 + r, mask=r < R, other=0.0)  # [BR] fp32
-        bv = tl.load(b_ptr + group * stride_bg + (row0 + n)[:, None] * stride_bn + r[None, :],
+        bv = tl.load(b_ptr + group * stride_bg + (row0 + n)[:, None] + r[None, :] * stride_br,
                      mask=(n[:, None] < ROWS) & (r[None, :] < R), other=0.0).to(tl.float32)  # [BN, BR]
         delta = tl.sum(bv * hv[None, :], axis=1)  # [BN]
         ptrs = out_ptr + row * stride_out + row0 + n
@@ -50,7 +50,7 @@ def add_lora_triton(
     x: torch.Tensor,  # [T, K]
     index: torch.Tensor,  # [T] int64 group per row, -1 none
     a: torch.Tensor,  # [G, n R, K]
-    b: torch.Tensor,  # [G, N, R]
+    b: torch.Tensor,  # [G, R, N]
     splits: tuple[int, ...],
     block_n: int = 64,
     block_k: int = 128,
@@ -58,7 +58,7 @@ def add_lora_triton(
     rows, k = x.shape
     if rows == 0:
         return
-    nr, rank = a.shape[1], b.shape[2]
+    nr, rank = a.shape[1], b.shape[1]
     x, a, b = x.contiguous(), a.contiguous(), b.contiguous()
     h = torch.empty(rows, nr, dtype=torch.float32, device=x.device)  # [T, n R] (rows of group -1 unread)
     _shrink_kernel[(rows, triton.cdiv(nr, block_n))](

@@ -2,7 +2,8 @@
 
 Each layer holds stacked weights for `max_loras` slots at `max_lora_rank` (smaller ranks are zero
 padded, which adds nothing): attention `qkv` (q, k, v side by side) and `o` per slot, the experts'
-`w13` (w1, w3 side by side) and `w2` per slot x expert. Under tensor parallelism each rank holds
+`w13` (w1, w3 side by side) and `w2` per slot x expert; each stack ends with one group of zeros
+that rows without an adapter read (engine/lora_ops.py). Under tensor parallelism each rank holds
 its slice, cut as the base weight is: B's rows where the base weight's rows are split (q, k, v,
 w1, w3), A's columns where its inputs are (o, w2), so the partial products sum in the same
 all-reduce as the base ones.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from engine import cpu_kernels
 from engine.lora_adapter import LoRAAdapter, read_adapter
 from engine.lora_ops import Groups, add_lora
 from engine.lora_request import LoRARequest
@@ -28,14 +30,14 @@ _POSITION = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "o_proj": 0, "w1": 0, "w3": 
 
 @dataclass
 class LayerStacks:
-    qkv_a: torch.Tensor  # [S, 3R, D]
-    qkv_b: torch.Tensor  # [S, QKV_local, R]
-    o_a: torch.Tensor  # [S, R, H_local hd]
-    o_b: torch.Tensor  # [S, D, R]
-    w13_a: torch.Tensor  # [S E, 2R, D]
-    w13_b: torch.Tensor  # [S E, 2 I_local, R]
-    w2_a: torch.Tensor  # [S E, R, I_local]
-    w2_b: torch.Tensor  # [S E, D, R]
+    qkv_a: torch.Tensor  # [S + 1, 3R, D]
+    qkv_b: torch.Tensor  # [S + 1, R, QKV_local] (B transposed)
+    o_a: torch.Tensor  # [S + 1, R, H_local hd]
+    o_b: torch.Tensor  # [S + 1, R, D]
+    w13_a: torch.Tensor  # [S E + 1, 2R, D]
+    w13_b: torch.Tensor  # [S E + 1, R, 2 I_local]
+    w2_a: torch.Tensor  # [S E + 1, R, I_local]
+    w2_b: torch.Tensor  # [S E + 1, R, D]
 
 
 class AdapterCache:
@@ -62,8 +64,9 @@ class AdapterCache:
 
 class LoRAWeights:
     def __init__(self, cfg: ModelConfig, local: LocalShape, slots: int, rank: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, isa: cpu_kernels.Isa | None = None) -> None:
         self.cfg, self.local, self.num_slots, self.rank = cfg, local, slots, rank
+        self.kernel = None if isa is None else cpu_kernels.LoRAKernel(isa)  # where the CPU kernels run
         e, d, hd, r = cfg.num_local_experts, cfg.hidden_size, cfg.head_dim, rank
         q_rows, kv_rows, inter = local.n_heads * hd, local.n_kv_heads * hd, local.intermediate
         self.splits = {"qkv": (q_rows, kv_rows, kv_rows), "o": (d,), "w13": (inter, inter), "w2": (d,)}
@@ -71,11 +74,11 @@ class LoRAWeights:
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, dtype=dtype, device=device)
 
+        n, ne = slots + 1, slots * e + 1  # with the null group
         self.layers = [
             LayerStacks(
-                zeros(slots, 3 * r, d), zeros(slots, q_rows + 2 * kv_rows, r), zeros(slots, r, q_rows), zeros(slots, d, r),
-                zeros(slots * e, 2 * r, d), zeros(slots * e, 2 * inter, r), zeros(slots * e, r, inter),
-                zeros(slots * e, d, r),
+                zeros(n, 3 * r, d), zeros(n, r, q_rows + 2 * kv_rows), zeros(n, r, q_rows), zeros(n, r, d),
+                zeros(ne, 2 * r, d), zeros(ne, r, 2 * inter), zeros(ne, r, inter), zeros(ne, r, d),
             )
             for _ in range(cfg.num_hidden_layers)
         ]
@@ -106,7 +109,7 @@ class LoRAWeights:
             stack_a, stack_b = getattr(stacks, f"{site}_a"), getattr(stacks, f"{site}_b")
             rows = sum(self.splits[site][:pos])
             stack_a[group, pos * r : pos * r + rank] = a
-            stack_b[group, rows : rows + b.shape[0], :rank] = b
+            stack_b[group, :rank, rows : rows + b.shape[0]] = b.t()
             self.sites[slot].add(site)
 
     def step(self, token_slots: list[int], device: torch.device) -> StepLoRA | None:
@@ -141,11 +144,12 @@ class StepLoRA:
 
     def add_qkv(self, out: torch.Tensor, x: torch.Tensor) -> None:
         if self.qkv is not None:
-            add_lora(out, x, self.qkv, self.stacks.qkv_a, self.stacks.qkv_b, self.weights.splits["qkv"])
+            add_lora(out, x, self.qkv, self.stacks.qkv_a, self.stacks.qkv_b, self.weights.splits["qkv"],
+                     self.weights.kernel)
 
     def add_o(self, out: torch.Tensor, x: torch.Tensor) -> None:
         if self.o is not None:
-            add_lora(out, x, self.o, self.stacks.o_a, self.stacks.o_b, self.weights.splits["o"])
+            add_lora(out, x, self.o, self.stacks.o_a, self.stacks.o_b, self.weights.splits["o"], self.weights.kernel)
 
     def experts(self, ids: torch.Tensor) -> ExpertLoRA | None:
         """The experts' LoRA for this layer's routing `ids` [T, k]; None when no row has one."""
@@ -153,14 +157,14 @@ class StepLoRA:
             return None
         e = self.weights.cfg.num_local_experts
         pairs = torch.where(self._expert_rows[:, None], self._slots[:, None] * e + ids, -1)  # [T, k]
-        return ExpertLoRA(self.stacks, pairs.reshape(-1), self.weights.splits)
+        return ExpertLoRA(self.stacks, pairs.reshape(-1), self.weights)
 
 
 class ExpertLoRA:
     """LoRA on w1/w3 (before the activation) and w2 for rows that are (token, choice) pairs."""
 
-    def __init__(self, stacks: LayerStacks, pairs: torch.Tensor, splits: dict[str, tuple[int, ...]]) -> None:
-        self.stacks, self.splits = stacks, splits
+    def __init__(self, stacks: LayerStacks, pairs: torch.Tensor, weights: LoRAWeights) -> None:
+        self.stacks, self.splits, self.kernel = stacks, weights.splits, weights.kernel
         self.pairs = pairs  # [T*k] slot x expert group of each pair, -1 none, (token, choice) order
 
     def groups(self, order: torch.Tensor | None = None) -> Groups:
@@ -169,8 +173,8 @@ class ExpertLoRA:
 
     def add13(self, h: torch.Tensor, xs: torch.Tensor, groups: Groups) -> None:
         """h [R, 2I] += LoRA of w1 | w3 for rows xs [R, D]."""
-        add_lora(h, xs, groups, self.stacks.w13_a, self.stacks.w13_b, self.splits["w13"])
+        add_lora(h, xs, groups, self.stacks.w13_a, self.stacks.w13_b, self.splits["w13"], self.kernel)
 
     def add2(self, y: torch.Tensor, act: torch.Tensor, groups: Groups) -> None:
         """y [R, D] += LoRA of w2 for activations act [R, I]."""
-        add_lora(y, act, groups, self.stacks.w2_a, self.stacks.w2_b, self.splits["w2"])
+        add_lora(y, act, groups, self.stacks.w2_a, self.stacks.w2_b, self.splits["w2"], self.kernel)

@@ -103,7 +103,7 @@ class ModelRunner:
         self.graphs = None if graphs is None else DecodeGraphs(graphs, self._decode_forward, block_size, device)
         self.adapters = AdapterCache(cfg, lora.max_lora_rank, lora.max_cpu_loras)
         self.lora = None if not lora.max_loras else LoRAWeights(
-            cfg, model.local, lora.max_loras, lora.max_lora_rank, dtype, device)
+            cfg, model.local, lora.max_loras, lora.max_lora_rank, dtype, device, model.cpu_isa)
 
     def _tensor(self, data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         """Host data on the device; on GPUs through pinned memory, so the copy does not block the host."""

@@ -10,11 +10,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks import engine_bench, serve_bench, serving_path, structured_bench
+from benchmarks import engine_bench, lora_bench, serve_bench, serving_path, structured_bench
 from dashboards import commands as dashboard_commands
 from engine.checkpoint import DTYPES, PRESETS, write_checkpoint
+from engine.config import EngineConfig
+from engine.lora_adapter import TARGETS, declared_rank, write_random_adapter
+from engine.lora_request import LoRARequest
 from mixtral_serve import serve_command
-from mixtral_serve.engine_flags import add_engine_flags, engine_config
+from mixtral_serve.engine_flags import add_engine_flags, engine_config, given_engine_flags
 
 if TYPE_CHECKING:
     from engine.sampling_params import SamplingParams
@@ -28,6 +31,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--lora", type=Path, metavar="DIR", help="a LoRA adapter folder (PEFT or mistral-finetune layout)")
 
 
 def _sampling(args: argparse.Namespace, **extra: object) -> SamplingParams:
@@ -37,6 +41,19 @@ def _sampling(args: argparse.Namespace, **extra: object) -> SamplingParams:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
         max_tokens=args.max_tokens, **extra,
     )
+
+
+def _with_adapter(args: argparse.Namespace) -> tuple[EngineConfig, LoRARequest | None]:
+    """The engine config of the flags, with a slot for `--lora` (at its rank unless flags say otherwise)."""
+    config = engine_config(args)
+    if args.lora is None:
+        return config, None
+    lora = LoRARequest(args.lora.name, str(args.lora))
+    given = given_engine_flags(args).get("lora", {})
+    update = {"max_loras": given.get("max_loras", max(config.lora.max_loras, 1))}
+    if "max_lora_rank" not in given:
+        update["max_lora_rank"] = declared_rank(args.lora) or config.lora.max_lora_rank
+    return config.model_copy(update={"lora": config.lora.model_copy(update=update)}), lora
 
 
 def cmd_make_checkpoint(args: argparse.Namespace) -> None:
@@ -51,7 +68,8 @@ def cmd_make_checkpoint(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from engine.llm import LLM
 
-    llm = LLM(config=engine_config(args))
+    config, lora = _with_adapter(args)
+    llm = LLM(config=config)
     if args.prompt_token_ids:
         prompt: str | list[int] = [int(t) for t in args.prompt_token_ids.split(",")]
     elif args.prompt is not None:
@@ -59,7 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         raise SystemExit("error: give --prompt or --prompt-token-ids")
     t0 = time.perf_counter()
-    result = llm.generate(prompt, _sampling(args, ignore_eos=args.ignore_eos))[0]
+    result = llm.generate(prompt, _sampling(args, ignore_eos=args.ignore_eos), lora_request=lora)[0]
     seconds = time.perf_counter() - t0
     if args.json:
         print(json.dumps({
@@ -79,8 +97,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from engine.llm_engine import LLMEngine
     from mixtral_serve.console_chat import run_chat
 
-    engine = LLMEngine(engine_config(args))
-    run_chat(engine, _sampling(args), args.system)
+    config, lora = _with_adapter(args)
+    run_chat(LLMEngine(config), _sampling(args), args.system, lora=lora)
+
+
+def cmd_make_adapter(args: argparse.Namespace) -> None:
+    out = write_random_adapter(args.model, args.out, args.rank, tuple(args.targets), args.layout, args.seed,
+                               DTYPES[args.dtype])
+    print(f"wrote a rank-{args.rank} {args.layout} adapter on {', '.join(args.targets)} for {args.model} to {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--shard-mb", type=int, help="split Hugging Face weights into shards of this size")
     p.set_defaults(func=cmd_make_checkpoint)
+
+    p = sub.add_parser("make-adapter", help="write a random LoRA adapter for a checkpoint (tests, demos)")
+    p.add_argument("--model", type=Path, required=True, help="the base checkpoint's folder")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
+    p.add_argument("--layout", choices=["peft", "mistral"], default="peft")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.set_defaults(func=cmd_make_adapter)
 
     p = sub.add_parser("generate", help="complete one prompt")
     _sampling_args(p)
@@ -127,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("structured", help="decode tokens/s with every request JSON-schema constrained vs none")
     structured_bench.add_arguments(p)
     p.set_defaults(func=structured_bench.main)
+    p = bench.add_parser("lora", help="decode tokens/s with 0, 1, 4, 16 distinct LoRA adapters in the batch")
+    lora_bench.add_arguments(p)
+    p.set_defaults(func=lora_bench.main)
 
     dashboard_commands.add_parser(sub)
     return parser

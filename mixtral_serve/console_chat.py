@@ -14,6 +14,7 @@ import time
 from typing import TextIO
 
 from engine.llm_engine import LLMEngine
+from engine.lora_request import LoRARequest
 from engine.outputs import RequestError
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import ChatTemplateError
@@ -22,7 +23,7 @@ HELP = "Commands: /reset clears the conversation, /quit leaves. Ctrl-C stops an 
 
 
 def stream_reply(engine: LLMEngine, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 out: TextIO) -> tuple[str, int, float, float, bool]:
+                 out: TextIO, lora: LoRARequest | None = None) -> tuple[str, int, float, float, bool]:
     """Streams one reply to `out`; returns (text, tokens, time to first token, seconds, interrupted)."""
     # NOTE: Ctrl-C is noted and acted on between steps, never inside one, where it could leave the
     # KV block pool or a sequence half updated.
@@ -36,7 +37,7 @@ def stream_reply(engine: LLMEngine, request_id: str, prompt_ids: list[int], para
     start = time.perf_counter()
     text, tokens, ttft = "", 0, 0.0
     try:
-        engine.add_request(request_id, prompt_ids, params, continuation=False)
+        engine.add_request(request_id, prompt_ids, params, continuation=False, lora=lora)
         while engine.has_unfinished and not interrupted:
             for output in engine.step():
                 for delta in output.choices:
@@ -72,11 +73,14 @@ def fit_context(engine: LLMEngine, system: list[dict[str, str]], history: list[d
 
 
 def run_chat(engine: LLMEngine, params: SamplingParams, system: str | None,
-             inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+             inp: TextIO = sys.stdin, out: TextIO = sys.stdout, lora: LoRARequest | None = None) -> None:
     history: list[dict[str, str]] = []
     head = [{"role": "system", "content": system}] if system else []
     ids = itertools.count()
-    out.write(f"mixtral-serve chat ({engine.config.model}). {HELP}\n")
+    if lora is not None:
+        engine.check_adapter(lora)
+    adapter = "" if lora is None else f", adapter {lora.name}"
+    out.write(f"mixtral-serve chat ({engine.config.model}{adapter}). {HELP}\n")
     while True:
         out.write("\n> ")
         out.flush()
@@ -108,7 +112,8 @@ def run_chat(engine: LLMEngine, params: SamplingParams, system: str | None,
             continue
         if dropped:
             out.write(f"(dropped the oldest {dropped} exchange(s) to fit the {engine.max_model_len}-token context)\n")
-        text, tokens, ttft, seconds, interrupted = stream_reply(engine, f"chat-{next(ids)}", prompt_ids, params, out)
+        text, tokens, ttft, seconds, interrupted = stream_reply(engine, f"chat-{next(ids)}", prompt_ids, params, out,
+                                                                lora)
         decode_s = max(seconds - ttft, 1e-9)
         rate = (tokens - 1) / decode_s if tokens > 1 else 0.0
         out.write(f"{' [interrupted]' if interrupted else ''}\n[context {len(prompt_ids)} tokens | {tokens} tokens, "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pexpect
 
-from engine import LLM, SamplingParams
+from engine import LLM, LoRARequest, SamplingParams
 
 CLI = [sys.executable, "-m", "mixtral_serve.cli"]
 
@@ -37,6 +37,37 @@ def test_make_checkpoint_then_generate_json(tmp_path: Path) -> None:
                              "--max-tokens", "12", "--ignore-eos", "--json", "--dtype", "float32",
                              "--moe-backend", "triton"], capture_output=True, text=True, check=True)
     assert json.loads(triton.stdout)["token_ids"] == expected.token_ids
+
+
+def test_make_adapter_then_generate_and_chat_with_it(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    adapter = tmp_path / "tuned"
+    made = subprocess.run([*CLI, "make-adapter", "--model", str(tiny_checkpoint), "--out", str(adapter), "--rank", "12",
+                           "--targets", "q_proj", "v_proj", "w1", "w2", "--layout", "mistral", "--dtype", "float32"],
+                          capture_output=True, text=True, check=True)
+    assert "rank-12 mistral adapter" in made.stdout and (adapter / "lora.safetensors").is_file()
+    flags = ["--model", str(tiny_checkpoint), "--max-tokens", "10", "--dtype", "float32"]
+
+    def generate(*extra: str) -> list[int]:
+        run = subprocess.run([*CLI, "generate", "--prompt", "The capital of France is", "--json", "--ignore-eos",
+                              *flags, *extra],
+                             capture_output=True, text=True, check=True)
+        return json.loads(run.stdout)["token_ids"]
+
+    tuned = generate("--lora", str(adapter))
+    llm = LLM(tiny_checkpoint, dtype="float32", cache={"kv_cache_bytes": 16 * 2**20}, load_progress=False,
+              lora={"max_loras": 1, "max_lora_rank": 12})
+    want = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                        lora_request=LoRARequest("tuned", str(adapter)))[0]
+    assert tuned == want.token_ids and tuned != generate()
+    small = subprocess.run([*CLI, "generate", "--prompt", "hi", *flags, "--lora", str(adapter), "--max-lora-rank", "8"],
+                           capture_output=True, text=True)
+    assert small.returncode == 2 and "rank 12, above max_lora_rank 8" in small.stderr
+    missing = subprocess.run([*CLI, "generate", "--prompt", "hi", *flags, "--lora", str(tmp_path / "nope")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    chat = subprocess.run([*CLI, "chat", *flags, "--lora", str(adapter)], input="Hello\n/quit\n", capture_output=True,
+                          text=True, check=True)
+    assert "adapter tuned" in chat.stdout and "[context" in chat.stdout
 
 
 def test_generate_rejects_overlong_request(tiny_checkpoint: Path) -> None:

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from engine import LLM, LoRARequest, SamplingParams
-from engine.cpu_kernels import available_isas
+from engine.cpu_kernels import LoRAKernel, available_isas
 from engine.lora_adapter import write_random_adapter
-from engine.lora_ops import Groups, add_lora_reference
+from engine.lora_ops import Groups, add_lora_gathered, add_lora_reference
 from engine.lora_triton import add_lora_triton
 from tests.moe_reference import rel_err
 
@@ -22,7 +22,7 @@ def lora_problem(tokens: int, adapters: int, rank: int, dtype: torch.dtype, seed
     splits, k = (96, 32, 32), 128
     x = torch.randn(tokens, k, generator=gen).to(dtype)  # [T, K]
     a = (torch.randn(adapters, len(splits) * rank, k, generator=gen) / k**0.5).to(dtype)  # [G, 3R, K]
-    b = (torch.randn(adapters, sum(splits), rank, generator=gen) / rank**0.5).to(dtype)  # [G, N, R]
+    b = (torch.randn(adapters, rank, sum(splits), generator=gen) / rank**0.5).to(dtype)  # [G, R, N]
     index = torch.randint(-1, adapters, (tokens,), generator=gen)  # [T], -1: no adapter
     out = torch.randn(tokens, sum(splits), generator=gen).to(dtype)  # [T, N]
     return out, x, index, a, b, splits
@@ -31,32 +31,44 @@ def lora_problem(tokens: int, adapters: int, rank: int, dtype: torch.dtype, seed
 def plain_lora(out, x, index, a, b, splits) -> torch.Tensor:
     """Row by row in fp32: out + (x @ A_g^T) split per module @ B_g^T."""
     want = out.float().clone()
-    rank = b.shape[2]
+    rank = b.shape[1]
     for t, g in enumerate(index.tolist()):
         if g < 0:
             continue
         h = x[t].float() @ a[g].float().t()  # [3R]
         start = 0
         for j, size in enumerate(splits):
-            want[t, start : start + size] += b[g, start : start + size].float() @ h[j * rank : (j + 1) * rank]
+            want[t, start : start + size] += h[j * rank : (j + 1) * rank] @ b[g, :, start : start + size].float()
             start += size
     return want
 
 
+KERNEL_ISA = next(iter(available_isas()), None)
+
+
 @pytest.mark.parametrize(("tokens", "adapters", "rank"), list(itertools.product([1, 5, 33], [1, 4], [4, 16])))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_segmented_and_triton_lora_match_the_plain_product(tokens: int, adapters: int, rank: int,
-                                                           dtype: torch.dtype) -> None:
+def test_every_lora_path_matches_the_plain_product(tokens: int, adapters: int, rank: int, dtype: torch.dtype) -> None:
     out, x, index, a, b, splits = lora_problem(tokens, adapters, rank, dtype, seed=tokens * 31 + rank)
     want = plain_lora(out, x, index, a, b, splits)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    segmented, kernel = out.clone(), out.clone()
-    add_lora_reference(segmented, x, Groups(index), a, b, splits)
-    add_lora_triton(kernel, x, index, a, b, splits, block_n=32, block_k=64)
-    for got in (segmented, kernel):
-        assert got.dtype == dtype and rel_err(got, want) < tol
+    # The gathered path reads rows without an adapter from a last, all-zero group (as the slots hold one).
+    a0, b0 = torch.cat([a, torch.zeros_like(a[:1])]), torch.cat([b, torch.zeros_like(b[:1])])
+    paths = {
+        "segmented": lambda o: add_lora_reference(o, x, Groups(index), a, b, splits),
+        "gathered": lambda o: add_lora_gathered(o, x, Groups(index), a0, b0, splits),
+        "triton": lambda o: add_lora_triton(o, x, index, a, b, splits, block_n=32, block_k=64),
+    }
+    if KERNEL_ISA is not None and dtype == torch.bfloat16:
+        kernel = LoRAKernel(KERNEL_ISA)
+        paths["cpu kernel"] = lambda o: kernel(o, x, index, a, b, splits)
+        paths["cpu kernel, fp32 out"] = lambda o: kernel(o, x, index, a, b, splits)
     untouched = index < 0
-    assert torch.equal(kernel[untouched], out[untouched]) and torch.equal(segmented[untouched], out[untouched])
+    for name, path in paths.items():
+        got = out.float().clone() if name.endswith("fp32 out") else out.clone()
+        path(got)
+        assert rel_err(got, want) < tol, name
+        assert torch.equal(got[untouched].float(), out[untouched].float()), name
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
