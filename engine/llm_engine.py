@@ -6,7 +6,7 @@ import logging
 import secrets
 import time
 import weakref
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ from engine.checkpoint import default_model_dir
 from engine.config import EngineConfig, SchedulerConfig
 from engine.grammar import GrammarCompiler, GrammarError
 from engine.kv_cache import BlockManager
-from engine.lora_adapter import AdapterError
+from engine.lora_adapter import AdapterError, LoRAAdapter
 from engine.lora_request import LoRARequest
 from engine.lora_slots import SlotTable
 from engine.model_runner import StepOutput, build_runner
@@ -44,7 +44,7 @@ from engine.tokenizer import ChatMessage, Tokenizer
 
 log = logging.getLogger(__name__)
 
-_GRAMMAR_WAIT_S = 0.01  # an idle step waits this long for a grammar still compiling
+_PENDING_WAIT_S = 0.01  # an idle step waits this long for a grammar compiling or an adapter being read
 
 
 class LLMEngine:
@@ -83,6 +83,10 @@ class LLMEngine:
         # (~0.1 s), which would stall that step for every request.
         self.grammars = GrammarCompiler(self.tokenizer)
         self._compiling: dict[str, Future] = {}  # request id -> its grammar, still compiling
+        # NOTE: adapters are read from disk on a thread of their own (a large one takes seconds);
+        # requests wait for theirs, the steps of the others go on.
+        self._adapter_reader = ThreadPoolExecutor(1, thread_name_prefix="lora-read")
+        self._reading: dict[str, Future[LoRAAdapter]] = {}  # request id -> its adapter, being read
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._steps = 0
@@ -120,8 +124,8 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
         prompt_ids = self.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
         self.validate(prompt_ids, params)
-        if lora is not None:
-            self.check_adapter(lora)
+        if lora is not None and self.lora_slots is None:
+            raise RequestError("LoRA adapters are off in this engine: set lora.max_loras above 0", param="model")
         seqs: list[Sequence] = []
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
@@ -140,15 +144,18 @@ class LLMEngine:
                 )
             )
         self.requests[request_id] = seqs
-        if params.structured_output is None:
+        # Scheduled once its grammar is compiled and its adapter read (at once when they are cached).
+        if params.structured_output is not None:
+            self._compiling[request_id] = self.grammars.compile(params.structured_output)
+        if lora is not None and not self.runner.adapters.holds(lora):
+            self._reading[request_id] = self._adapter_reader.submit(self.runner.adapters.read, lora)
+        if request_id not in self._compiling and request_id not in self._reading:
             for seq in seqs:
                 self.scheduler.add(seq)
-        else:  # scheduled once its grammar is compiled (at once when it is cached)
-            self._compiling[request_id] = self.grammars.compile(params.structured_output)
         return len(prompt_ids)
 
     def check_adapter(self, lora: LoRARequest) -> None:
-        """Reads the adapter (cached after the first time); RequestError naming what is wrong with it."""
+        """Reads the adapter now (cached after the first time); RequestError naming what is wrong with it."""
         if self.lora_slots is None:
             raise RequestError("LoRA adapters are off in this engine: set lora.max_loras above 0", param="model")
         try:
@@ -173,6 +180,7 @@ class LLMEngine:
         if seqs is None:
             return None
         self._compiling.pop(request_id, None)
+        self._reading.pop(request_id, None)
         choices = []
         for seq in seqs:
             if not seq.is_finished:
@@ -212,6 +220,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stops the tensor-parallel ranks (no-op without tensor parallelism; once)."""
         self.grammars.close()
+        self._adapter_reader.shutdown(wait=False, cancel_futures=True)
         self._stop_ranks()
 
     def check_ranks(self) -> None:
@@ -223,11 +232,12 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
-        failed = self._admit_compiled()
+        failed = self._admit_ready()
         batch = self.scheduler.schedule()
         if not batch:
-            if self._compiling and not failed:
-                wait(list(self._compiling.values()), timeout=_GRAMMAR_WAIT_S, return_when=FIRST_COMPLETED)
+            pending = [*self._compiling.values(), *self._reading.values()]
+            if pending and not failed:
+                wait(pending, timeout=_PENDING_WAIT_S, return_when=FIRST_COMPLETED)
             return failed
         self.check_ranks()
         computed_before = {id(s.seq): s.seq.num_computed_tokens for s in batch}
@@ -252,9 +262,24 @@ class LLMEngine:
         self._last_batch = (sum(s.num_new_tokens for s in batch), len(batch))
         return outputs
 
-    def _admit_compiled(self) -> list[RequestOutput]:
-        """Schedules the requests whose grammar is ready; fails those whose grammar did not compile."""
+    def _admit_ready(self) -> list[RequestOutput]:
+        """Schedules the requests whose grammar is compiled and adapter read; fails those whose grammar
+        did not compile or adapter could not be read."""
         failed: list[RequestOutput] = []
+        for request_id, read in list(self._reading.items()):
+            if not read.done():
+                continue
+            del self._reading[request_id]
+            lora = self.requests[request_id][0].lora
+            assert lora is not None
+            try:
+                self.runner.adapters.put(lora, read.result())
+            except AdapterError as err:
+                failed += self.fail_requests([request_id], f"adapter {lora.name!r}: {err}")
+                continue
+            if request_id not in self._compiling:
+                for seq in self.requests[request_id]:
+                    self.scheduler.add(seq)
         for request_id, compiled in list(self._compiling.items()):
             if not compiled.done():
                 continue
@@ -266,8 +291,9 @@ class LLMEngine:
             except GrammarError as err:
                 failed += self.fail_requests([request_id], f"structured output does not compile: {err}")
                 continue
-            for seq in seqs:
-                self.scheduler.add(seq)
+            if request_id not in self._reading:
+                for seq in seqs:
+                    self.scheduler.add(seq)
         return failed
 
     def _grammar_masks(self, batch: list[ScheduledSeq]) -> dict[int, torch.Tensor]:

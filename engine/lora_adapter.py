@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from engine.model_config import ModelConfig, load_model_config
 from engine.weight_names import permute_hf_to_mistral, permute_mistral_to_hf
@@ -69,11 +69,13 @@ def _rotary_heads(cfg: ModelConfig, target: str) -> int | None:
     return {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(target)
 
 
-def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+def _shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the file's header alone."""
     if not file.is_file():
         raise AdapterError(f"{file.parent}: missing {file.name}")
     try:
-        return load_file(str(file))
+        with safe_open(str(file), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except (SafetensorError, OSError) as err:
         raise AdapterError(f"{file}: not a readable safetensors file ({err})") from None
 
@@ -98,10 +100,11 @@ def _peft_scaling(config: dict) -> float:
 
 
 def _parse(
-    tensors: dict[str, torch.Tensor], pattern: re.Pattern[str], rename: dict[str, str], file: Path
-) -> dict[ModuleKey, dict[str, torch.Tensor]]:
-    modules: dict[ModuleKey, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
+    shapes: dict[str, tuple[int, ...]], pattern: re.Pattern[str], rename: dict[str, str], file: Path
+) -> dict[ModuleKey, dict[str, str]]:
+    """(layer, target, expert) -> {"A": tensor name, "B": tensor name}."""
+    modules: dict[ModuleKey, dict[str, str]] = {}
+    for name in shapes:
         match = pattern.match(name)
         target = None
         if match:
@@ -110,7 +113,7 @@ def _parse(
             raise AdapterError(f"{file.name}: tensor {name!r} is not a LoRA weight of a served module "
                                f"({', '.join(TARGETS)}; embeddings, LM head, router gate and norms are not served)")
         expert = int(match["E"]) if match["E"] is not None else None
-        modules.setdefault((int(match["L"]), target, expert), {})[match["AB"]] = tensor
+        modules.setdefault((int(match["L"]), target, expert), {})[match["AB"]] = name
     return modules
 
 
@@ -125,51 +128,67 @@ def declared_rank(path: str | Path) -> int | None:
     return None
 
 
-def read_adapter(path: str | Path, cfg: ModelConfig, max_rank: int) -> LoRAAdapter:
-    """The adapter in folder `path`, checked against base model `cfg` and the engine's rank limit."""
+@dataclass
+class _Layout:
+    file: Path
+    scaling: float
+    mistral: bool  # q/k rows in Mistral's rotary order
+    modules: dict[ModuleKey, dict[str, str]]
+    rank: int
+
+
+def check_adapter(path: str | Path, cfg: ModelConfig, max_rank: int) -> _Layout:
+    """Checks the adapter in folder `path` against base model `cfg` and the rank limit from its
+    config and tensor headers alone (no weights read); raises AdapterError naming the problem."""
     folder = Path(path)
     if not folder.is_dir():
         raise AdapterError(f"adapter folder {folder} does not exist")
     if (folder / "adapter_config.json").is_file():
-        config = json.loads((folder / "adapter_config.json").read_text())
-        scaling = _peft_scaling(config)
-        file = folder / "adapter_model.safetensors"
-        modules = _parse(_load_tensors(file), _PEFT_NAME, {}, file)
-        mistral = False
+        scaling = _peft_scaling(json.loads((folder / "adapter_config.json").read_text()))
+        file, pattern, rename, mistral = folder / "adapter_model.safetensors", _PEFT_NAME, {}, False
     elif (folder / "params.json").is_file() and (folder / "lora.safetensors").is_file():
         lora = json.loads((folder / "params.json").read_text()).get("lora") or {}
         scaling = float(lora.get("scaling", 2.0))  # mistral-finetune's default
-        file = folder / "lora.safetensors"
-        modules = _parse(_load_tensors(file), _MISTRAL_NAME, _MISTRAL_ATTENTION, file)
-        mistral = True
+        file, pattern, rename, mistral = folder / "lora.safetensors", _MISTRAL_NAME, _MISTRAL_ATTENTION, True
     else:
         raise AdapterError(f"{folder} holds neither adapter_config.json + adapter_model.safetensors (PEFT) nor "
                            "params.json + lora.safetensors (mistral-finetune)")
+    shapes = _shapes(file)
+    modules = _parse(shapes, pattern, rename, file)
     if not modules:
         raise AdapterError(f"{file.name} holds no LoRA weights")
-    weights: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]] = {}
     rank = 0
-    for (layer, target, expert), pair in sorted(modules.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
+    for (layer, target, expert), pair in modules.items():
         where = f"layer {layer} {target}" + ("" if expert is None else f" of expert {expert}")
         if set(pair) != {"A", "B"}:
             raise AdapterError(f"{file.name}: {where} has lora_{''.join(pair)} without its partner")
         if layer >= cfg.num_hidden_layers or (expert is not None and expert >= cfg.num_local_experts):
             raise AdapterError(f"{file.name}: {where} does not exist in the base model "
                                f"({cfg.num_hidden_layers} layers, {cfg.num_local_experts} experts)")
-        a, b = pair["A"].float(), pair["B"].float()
+        a, b = shapes[pair["A"]], shapes[pair["B"]]
         out_f, in_f = module_shape(cfg, target)
-        r = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape != (out_f, r):
-            raise AdapterError(f"{file.name}: {where} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+        r = a[0] if a else 0
+        if len(a) != 2 or len(b) != 2 or a[1] != in_f or b != (out_f, r):
+            raise AdapterError(f"{file.name}: {where} has lora_A {a} and lora_B {b}; "
                                f"this base model needs [r, {in_f}] and [{out_f}, r]")
         if r > max_rank:
             raise AdapterError(f"{file.name}: {where} has rank {r}, above max_lora_rank {max_rank}")
-        heads = _rotary_heads(cfg, target)
-        if mistral and heads is not None:
-            b = permute_mistral_to_hf(b, heads)
-        weights[(layer, target, expert)] = (a.contiguous(), (b * scaling).contiguous())
         rank = max(rank, r)
-    return LoRAAdapter(rank, weights)
+    return _Layout(file, scaling, mistral, modules, rank)
+
+
+def read_adapter(path: str | Path, cfg: ModelConfig, max_rank: int) -> LoRAAdapter:
+    """The adapter in folder `path`, checked (`check_adapter`), its weights read."""
+    layout = check_adapter(path, cfg, max_rank)
+    weights: dict[ModuleKey, tuple[torch.Tensor, torch.Tensor]] = {}
+    with safe_open(str(layout.file), framework="pt") as handle:
+        for (layer, target, expert), pair in layout.modules.items():
+            a, b = handle.get_tensor(pair["A"]).float(), handle.get_tensor(pair["B"]).float()
+            heads = _rotary_heads(cfg, target)
+            if layout.mistral and heads is not None:
+                b = permute_mistral_to_hf(b, heads)
+            weights[(layer, target, expert)] = (a.contiguous(), (b * layout.scaling).contiguous())
+    return LoRAAdapter(layout.rank, weights)
 
 
 def write_random_adapter(

@@ -47,15 +47,25 @@ class AdapterCache:
         self.cfg, self.max_rank, self.capacity = cfg, max_rank, capacity
         self._adapters: OrderedDict[str, LoRAAdapter] = OrderedDict()
 
+    def holds(self, request: LoRARequest) -> bool:
+        return request.key in self._adapters
+
+    def read(self, request: LoRARequest) -> LoRAAdapter:
+        """Reads the adapter from disk (any thread; nothing cached); AdapterError names what is wrong."""
+        return read_adapter(Path(request.path), self.cfg, self.max_rank)
+
+    def put(self, request: LoRARequest, adapter: LoRAAdapter) -> None:
+        self._adapters[request.key] = adapter
+        self._adapters.move_to_end(request.key)
+        while len(self._adapters) > self.capacity:
+            self._adapters.popitem(last=False)
+
     def get(self, request: LoRARequest) -> LoRAAdapter:
         """The adapter, read on first use; raises AdapterError naming what is wrong with it."""
         adapter = self._adapters.get(request.key)
         if adapter is None:
-            adapter = read_adapter(Path(request.path), self.cfg, self.max_rank)
-            self._adapters[request.key] = adapter
-            while len(self._adapters) > self.capacity:
-                self._adapters.popitem(last=False)
-        self._adapters.move_to_end(request.key)
+            adapter = self.read(request)
+        self.put(request, adapter)
         return adapter
 
     def drop(self, request: LoRARequest) -> None:

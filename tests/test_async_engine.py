@@ -256,7 +256,8 @@ def test_failed_step_fails_only_in_flight_requests(ckpt: Path) -> None:
         execute = runner.execute
         faulted = False
 
-        def flaky_execute(batch: list[ScheduledSeq], allowed: dict[int, torch.Tensor] | None = None) -> StepOutput:
+        def flaky_execute(batch: list[ScheduledSeq], allowed: dict[int, torch.Tensor] | None = None,
+                          loads: list | None = None) -> StepOutput:
             # Fault once, in the first step where all four doomed requests are decoding.
             nonlocal faulted
             if not faulted and {s.seq.request_id for s in batch} == set(doomed) and all(
@@ -264,7 +265,7 @@ def test_failed_step_fails_only_in_flight_requests(ckpt: Path) -> None:
             ):
                 faulted = True
                 raise RuntimeError("injected device fault")
-            return execute(batch, allowed)
+            return execute(batch, allowed, loads)
 
         runner.execute = flaky_execute  # type: ignore[method-assign]
         try:
@@ -311,12 +312,13 @@ def test_dead_loop_reports_engine_dead(ckpt: Path) -> None:
         execute = inner.runner.execute
         calls = 0
 
-        def failing_execute(batch: list[ScheduledSeq], allowed: dict[int, torch.Tensor] | None = None) -> StepOutput:
+        def failing_execute(batch: list[ScheduledSeq], allowed: dict[int, torch.Tensor] | None = None,
+                          loads: list | None = None) -> StepOutput:
             nonlocal calls
             calls += 1
             if calls == 3:
                 raise RuntimeError("injected step fault")
-            return execute(batch, allowed)
+            return execute(batch, allowed, loads)
 
         def broken_fail_requests(request_ids: list[str], message: str) -> list[RequestOutput]:
             raise RuntimeError("injected: the error path itself broke")

@@ -85,9 +85,10 @@ def test_batched_chunked_greedy_equals_alone(tiny_checkpoint: Path) -> None:
     steps: list[list[tuple[int, int]]] = []  # per step: (num_computed_tokens, num_new_tokens) per item
     execute = engine.runner.execute
 
-    def recording_execute(batch: list[ScheduledSeq], allowed: dict[int, torch.Tensor] | None = None) -> StepOutput:
+    def recording_execute(batch: list[ScheduledSeq], allowed: dict[int, torch.Tensor] | None = None,
+                          loads: list | None = None) -> StepOutput:
         steps.append([(s.seq.num_computed_tokens, s.num_new_tokens) for s in batch])
-        return execute(batch, allowed)
+        return execute(batch, allowed, loads)
 
     engine.runner.execute = recording_execute  # type: ignore[method-assign]
     batched = run(engine, {f"p{i}": (p, params) for i, p in enumerate(prompts)})

@@ -209,3 +209,25 @@ def test_tensor_parallel_shards_adapters_like_their_base_weights(base, adapters,
             assert result.token_ids == expected[names[name]][prompt], f"adapter {names[name]}"
     finally:
         llm.engine.shutdown()
+
+
+def test_adapters_are_read_off_the_step_loop_and_a_bad_one_fails_alone(base, adapters, expected) -> None:
+    """Through `add_request` (the serving path): a new adapter is read on a thread while other requests
+    step; one whose folder is gone fails with an error naming it, nothing else does."""
+    llm = engine(base)
+    eng = llm.engine
+    eng.add_request("base", PROMPTS[0], GREEDY)
+    eng.add_request("tuned", PROMPTS[0], GREEDY, lora=adapters["experts"])
+    eng.add_request("gone", PROMPTS[0], GREEDY, lora=LoRARequest("gone", "/nonexistent/adapter"))
+    assert set(eng._reading) == {"tuned", "gone"}  # neither is read yet on this thread
+    tokens: dict[str, list[int]] = {}
+    errors: dict[str, str] = {}
+    while eng.has_unfinished:
+        for out in eng.step():
+            if out.error is not None:
+                errors[out.request_id] = out.error
+            for choice in out.choices:
+                tokens.setdefault(out.request_id, []).extend(choice.token_ids)
+    assert tokens["base"] == expected[None][0] and tokens["tuned"] == expected["experts"][0]
+    assert list(errors) == ["gone"] and "/nonexistent/adapter does not exist" in errors["gone"]
+    assert eng.blocks.num_used_blocks == 0 and not any(eng.lora_slots.users.values())
