@@ -30,7 +30,7 @@ def build(tiers: list[Tier]) -> Dashboard:
         uid=UID,
         title="mixtral-serve overview",
         description="Traffic, latency against each tier's targets, engine, autoscaling and MoE expert load.",
-        rows=[_traffic(), _latency(tiers), _slo(tiers), _throughput(tiers), _engine(), _experts()],
+        rows=[_traffic(), _latency(tiers), _slo(tiers), _throughput(tiers), _engine(), _lora(), _experts()],
         variables=[
             Variable("tier", "Tier", f"label_values({m.RUNNING.exported}, tier)"),
             Variable("replica", "Replica", f"label_values({m.RUNNING.exported}{TIER}, replica)"),
@@ -155,6 +155,26 @@ def _engine() -> Row:
               description="Sequences and tokens in each replica's latest engine step (sampled each second)."),
         Panel("Engine steps", [Target(_per_s(m.STEPS, "tier, replica", REPLICA), by_replica)], unit="ops",
               description="Engine steps per second."),
+    ])
+
+
+def _lora() -> Row:
+    return Row("LoRA adapters", [
+        Panel("Requests by adapter", [Target(_per_s(m.LORA_REQUESTS, "tier, adapter", REPLICA), "{{tier}} {{adapter}}")],
+              unit="reqps", description="Requests per second that ran with each LoRA adapter (base-model ones "
+                                        "are not counted here)."),
+        Panel("Generated tokens by adapter",
+              [Target(_per_s(m.LORA_GENERATION_TOKENS, "tier, adapter", REPLICA), "{{tier}} {{adapter}}")],
+              unit="short", description="Tokens per second generated with each LoRA adapter."),
+        Panel("Resident adapters",
+              [Target(f"max by (tier, replica) ({q.series(m.LORA_RESIDENT, REPLICA)})", "{{tier}} {{replica}}"),
+               Target(q.or_zero(_per_s(m.LORA_SLOT_LOADS, "tier", REPLICA), "tier", REPLICA),
+                      "{{tier}} slot loads/s")],
+              description="Adapters in each replica's device slots, and adapters written into a slot per second "
+                          "(steadily high: more adapters in use than slots, engine.lora.max_loras)."),
+        Panel("Adapter read time",
+              [Target(q.ratio_of_rates(m.LORA_READ_TIME, m.LORA_READS, "tier", REPLICA, WINDOW), "{{tier}} mean")],
+              unit="s", description="Mean time to read an adapter from disk (the first request for it waits so long)."),
     ])
 
 

@@ -8,11 +8,13 @@ configuration (the engine's own types, embedded in the tier's). Errors name the 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
 
 from deployments import metrics
+from deployments.adapter_registry import AdapterRegistry
 from deployments.config import ROUTER_DEPLOYMENT, AppConfig, TierConfig
 from deployments.replica import ModelReplica
 from deployments.router import Router, RouterSettings
@@ -101,7 +103,11 @@ def build_app(args: dict[str, Any]) -> Application:
         auth=config.auth,
         admission={n: t.admission for n, t in config.tiers.items()},
         max_body_bytes=config.router.max_body_bytes,
+        adapters={n: {a: str(Path(p).expanduser()) for a, p in config.tier_lora(n).adapters.items()}
+                  for n in config.tiers},
+        runtime_loading={n: config.tier_lora(n).runtime_loading for n in config.tiers},
     )
+    registry = AdapterRegistry.bind() if any(settings.runtime_loading.values()) else None
     router = config.router
     return Router.options(
         name=ROUTER_DEPLOYMENT,
@@ -109,4 +115,4 @@ def build_app(args: dict[str, Any]) -> Application:
         ray_actor_options={"num_cpus": router.num_cpus, "runtime_env": {"env_vars": _ONE_LOOP | {
             _HANDLE_PUSH_S: str(min(t.autoscaling.metrics_interval_s for t in config.tiers.values()))}}},
         max_ongoing_requests=router.max_ongoing_requests,
-    ).bind(handles, settings)
+    ).bind(handles, settings, registry)

@@ -6,6 +6,7 @@ Pure pydantic (no Ray, no torch): the router process imports it too. A tier's `e
 Layout of `args` (see configs/local.yaml):
 
     model, served_model_name, default_tier
+    lora:    LoRA adapters every tier serves: {adapters: {name: folder}, runtime_loading}
     auth:    API keys (deployments/auth.py)
     router:  {num_replicas, num_cpus, max_ongoing_requests, max_body_bytes}
     tiers:
@@ -16,6 +17,7 @@ Layout of `args` (see configs/local.yaml):
         autoscaling: replica bounds and the queue-depth policy's knobs
         deployment:  Ray resources and Serve replica options
         admission:   the router's queue limits and time limit for the tier (deployments/backpressure.py)
+        lora:        adapters this tier serves besides the app's; its engine's `lora` block sizes the slots
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ ROUTER_DEPLOYMENT = "router"
 _RESERVED_TIERS = {"v1", "health", ROUTER_DEPLOYMENT}
 
 TierName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
+# What a client puts in `model` to select the adapter.
+AdapterName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
 
 
 class _Strict(BaseModel):
@@ -97,6 +101,22 @@ class TierDeployment(_Strict):
     engine_stall_s: float = Field(120.0, gt=0)
 
 
+class LoRAServing(_Strict):
+    """LoRA adapters served by name (`model: <name>` on every endpoint), from folders every replica's
+    node can read (PEFT or mistral-finetune layout). The engine's `lora` block (slots, max rank) is
+    the tier's `engine.lora`."""
+
+    adapters: dict[AdapterName, str] = Field(default_factory=dict)
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's) add and remove adapters at runtime.
+    runtime_loading: bool = False
+
+    def merged(self, other: "LoRAServing | None") -> "LoRAServing":
+        if other is None:
+            return self
+        return LoRAServing(adapters=self.adapters | other.adapters,
+                           runtime_loading=self.runtime_loading or other.runtime_loading)
+
+
 class TierConfig(_Strict):
     engine: EngineConfig = EngineConfig()
     # The engine's scheduler knobs, delivered to replicas only as Serve `user_config`: changing them
@@ -105,6 +125,7 @@ class TierConfig(_Strict):
     autoscaling: TierAutoscaling = TierAutoscaling()
     deployment: TierDeployment = TierDeployment()
     admission: AdmissionConfig = AdmissionConfig()
+    lora: LoRAServing | None = None
 
     @model_validator(mode="after")
     def _engine_keys(self) -> "TierConfig":
@@ -149,6 +170,7 @@ class AppConfig(_Strict):
     tiers: dict[TierName, TierConfig] = Field(min_length=1)
     router: RouterConfig = RouterConfig()
     auth: AuthConfig = AuthConfig()
+    lora: LoRAServing = LoRAServing()
 
     @field_validator("model")
     @classmethod
@@ -170,6 +192,24 @@ class AppConfig(_Strict):
         if self.default_tier not in self.tiers:
             raise ValueError(f"default_tier {self.default_tier!r} is not one of the tiers {sorted(self.tiers)}")
         return self
+
+    @model_validator(mode="after")
+    def _check_adapters(self) -> "AppConfig":
+        for name, tier in self.tiers.items():
+            lora = self.tier_lora(name)
+            for adapter, folder in lora.adapters.items():
+                if adapter == self.served_model_name:
+                    raise ValueError(f"adapter name {adapter!r} is the served model's name")
+                if not Path(folder).expanduser().is_dir():
+                    raise ValueError(f"adapter {adapter!r}: folder {folder!r} does not exist")
+            if (lora.adapters or lora.runtime_loading) and not tier.engine.lora.max_loras:
+                raise ValueError(f"tiers.{name} serves LoRA adapters but tiers.{name}.engine.lora.max_loras is 0: "
+                                 "give it adapter slots")
+        return self
+
+    def tier_lora(self, tier: str) -> LoRAServing:
+        """The adapters a tier serves: the app's and its own."""
+        return self.lora.merged(self.tiers[tier].lora)
 
     def model_dir(self) -> Path | None:
         return Path(self.model).expanduser() if self.model is not None else None

@@ -123,6 +123,22 @@ EXPERT_TOKENS = MetricSpec(
     "Tokens routed to each expert of each MoE layer (top-k: a token counts once per chosen expert)",
     labels=("tier", "layer", "expert"))
 
+LORA_RESIDENT = MetricSpec(
+    "mixtral_lora_resident_adapters", "gauge", "replica", "LoRA adapters held in the engine's device slots")
+LORA_SLOT_LOADS = MetricSpec(
+    "mixtral_lora_slot_loads_total", "counter", "replica",
+    "LoRA adapters written into a device slot (first use, or back after eviction)")
+LORA_READS = MetricSpec(
+    "mixtral_lora_adapter_reads_total", "counter", "replica", "LoRA adapters read from disk")
+LORA_READ_TIME = MetricSpec(
+    "mixtral_lora_adapter_read_seconds_total", "counter", "replica", "Time spent reading LoRA adapters from disk")
+LORA_REQUESTS = MetricSpec(
+    "mixtral_lora_requests_total", "counter", "replica", "Requests that ran with each LoRA adapter",
+    labels=("tier", "adapter"))
+LORA_GENERATION_TOKENS = MetricSpec(
+    "mixtral_lora_generation_tokens_total", "counter", "replica", "Tokens generated with each LoRA adapter",
+    labels=("tier", "adapter"))
+
 # ---- router --------------------------------------------------------------------------------------
 HTTP_REQUESTS = MetricSpec(
     "mixtral_http_requests_total", "counter", "router",
@@ -158,6 +174,7 @@ CATALOG: tuple[MetricSpec, ...] = (
     TTFT, ITL, E2E, QUEUE_TIME, REQUEST_PROMPT_TOKENS, REQUEST_GENERATION_TOKENS, REQUEST_SUCCESS,
     PROMPT_TOKENS, GENERATION_TOKENS, RUNNING, WAITING, KV_USAGE, PREFIX_QUERIES, PREFIX_HITS, PREEMPTIONS,
     STEPS, STEP_TIME, BATCH_SIZE, BATCH_TOKENS, EXPERT_TOKENS,
+    LORA_RESIDENT, LORA_SLOT_LOADS, LORA_READS, LORA_READ_TIME, LORA_REQUESTS, LORA_GENERATION_TOKENS,
     HTTP_REQUESTS, REJECTIONS, DISCONNECTS,
     DESIRED_REPLICAS, CURRENT_REPLICAS, QUEUE_DEPTH, TTFT_BREACHES,
 )

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from deployments.config import AdapterName
 from deployments.errors import OpenAIError
 from deployments.protocol import ToolUse
 from engine.sampling_params import SamplingParams
@@ -344,3 +345,20 @@ class DetokenizeRequest(BaseModel):
 
     model: str | None = None
     tokens: list[int]
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's body for POST /v1/load_lora_adapter."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: AdapterName
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """vLLM's body for POST /v1/unload_lora_adapter (its `lora_int_id` is not needed here)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lora_name: str

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.lora_request import LoRARequest
 from engine.sampling_params import SamplingParams
 
 
@@ -23,6 +24,7 @@ class GenerateRequest:
     stream: bool = False  # False: the replica sends one chunk, at the end
     priority: int = 0  # lower runs first on a tier whose scheduler policy is "priority"
     tools: ToolUse | None = None  # chat with tools the model may (or must) call
+    lora: LoRARequest | None = None  # the adapter `model` named
 
 
 @dataclass

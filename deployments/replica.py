@@ -31,6 +31,7 @@ from deployments.replica_metrics import ReplicaMetrics
 from deployments.tp_workers import RayRankLauncher
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, SchedulerConfig
+from engine.lora_request import LoRARequest
 from engine.outputs import (
     EngineDeadError,
     RequestError,
@@ -44,6 +45,9 @@ from engine.tokenizer import ChatTemplateError
 log = logging.getLogger("ray.serve")
 
 _END = object()  # end of an engine stream inside the coalescing queue
+# Serve's record of the adapters a replica holds (what its model multiplexing routes by): the most
+# recently used this many; the engine's own caches (`engine.lora`) decide what stays in memory.
+_ADAPTERS_PER_REPLICA = 16
 
 
 # NOTE: helpers come before the deployment class: `@serve.deployment` pickles the class when it
@@ -155,6 +159,7 @@ class ModelReplica:
         self._context_id = self.tokenizer.encode("a")[-1]
         self._context_len = len(self.tokenizer.decode([self._context_id]))
         self._token_texts: dict[int, str] = {}  # bounded by the vocabulary
+        self._adapters_checked: set[str] = set()  # LoRARequest keys this replica checked
 
     # ---- Serve hooks -----------------------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -235,6 +240,21 @@ class ModelReplica:
             return ErrorInfo(400, f"token ids outside the vocabulary (0-{vocab - 1}): {bad[:5]}", param="tokens")
         return self.tokenizer.decode(tokens)
 
+    # ---- adapters --------------------------------------------------------------------------
+    async def check_adapter(self, lora: LoRARequest) -> ErrorInfo | None:
+        """None when this tier's engines can serve the adapter; else a 400 naming the problem."""
+        try:
+            await asyncio.to_thread(self.engine.check_adapter, lora)  # reads files: off the event loop
+        except RequestError as err:
+            return ErrorInfo(400, str(err), param=err.param)
+        self._adapters_checked.add(lora.key)
+        return None
+
+    @serve.multiplexed(max_num_models_per_replica=_ADAPTERS_PER_REPLICA)
+    async def _hold_adapter(self, name: str) -> str:
+        """Tells Serve this replica holds the adapter (the engine reads it on the request's behalf)."""
+        return name
+
     # ---- generation ------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk | ErrorInfo]:
         """Chunks of new output until the request finishes; an `ErrorInfo` instead on failure."""
@@ -253,6 +273,11 @@ class ModelReplica:
         except ChatTemplateError as err:
             yield ErrorInfo(400, str(err), param="messages")
             return
+        if request.lora is not None:
+            if request.lora.key not in self._adapters_checked and (error := await self.check_adapter(request.lora)):
+                yield error
+                return
+            await self._hold_adapter(request.lora.name)
         tool_calls_id = self.tokenizer.tool_calls_id if tools else None
         if tools and tool_calls_id is None and not tools.required:
             yield ErrorInfo(400, "this model's chat format has no tool calls (Mistral tokenizer v1, e.g. "
@@ -270,8 +295,9 @@ class ModelReplica:
         try:
             # Closing the engine's stream (finished, failed or the client left) aborts the request.
             async with aclosing(self.metrics.track(self.engine.stream(
-                request.request_id, prompt, params, request.priority, continuation=request.messages is None
-            ), params.n)) as outputs:
+                request.request_id, prompt, params, request.priority, continuation=request.messages is None,
+                lora=request.lora,
+            ), params.n, request.lora and request.lora.name)) as outputs:
                 async for batch in _coalesce(outputs, interval_of):
                     self._waiting_first_token.pop(request.request_id, None)
                     yield self._chunk(batch, state)

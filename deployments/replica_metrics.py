@@ -29,6 +29,9 @@ _COUNTERS: tuple[tuple[m.MetricSpec, str], ...] = (
     (m.PREFIX_HITS, "prefix_cache_hits"),
     (m.PREEMPTIONS, "num_preemptions"),
     (m.STEPS, "steps_total"),
+    (m.LORA_SLOT_LOADS, "lora_slot_loads_total"),
+    (m.LORA_READS, "lora_reads_total"),
+    (m.LORA_READ_TIME, "lora_read_seconds_total"),
 )
 _GAUGES: tuple[tuple[m.MetricSpec, Callable[[EngineStats], float]], ...] = (
     (m.RUNNING, lambda s: s.num_running),
@@ -37,6 +40,7 @@ _GAUGES: tuple[tuple[m.MetricSpec, Callable[[EngineStats], float]], ...] = (
     (m.STEP_TIME, lambda s: s.last_step_seconds),
     (m.BATCH_SIZE, lambda s: s.last_batch_seqs),
     (m.BATCH_TOKENS, lambda s: s.last_batch_tokens),
+    (m.LORA_RESIDENT, lambda s: s.lora_resident),
 )
 _HISTOGRAMS = (m.TTFT, m.ITL, m.E2E, m.QUEUE_TIME, m.REQUEST_PROMPT_TOKENS, m.REQUEST_GENERATION_TOKENS)
 _CALLS_PER_SLICE = 64
@@ -56,26 +60,32 @@ class ReplicaMetrics:
         self._gauges = {spec: m.create(spec, tags) for spec, _ in _GAUGES}
         self._success = m.create(m.REQUEST_SUCCESS, tags)
         self._experts = m.create(m.EXPERT_TOKENS, tags)
+        self._adapter_requests = m.create(m.LORA_REQUESTS, tags)
+        self._adapter_tokens = m.create(m.LORA_GENERATION_TOKENS, tags)
         # What the streams noted since the last flush.
         self._pending: dict[m.MetricSpec, list[float]] = {spec: [] for spec in _HISTOGRAMS}
         self._finished: collections.Counter[str] = collections.Counter()
+        self._by_adapter: dict[str, list[int]] = {}  # adapter -> [requests, generated tokens]
         self._last = stats()
         # Held: the event loop keeps only a weak reference to its tasks.
         self._task = asyncio.get_running_loop().create_task(self._run(), name="replica-metrics")
 
     # ---- the streams' side ------------------------------------------------------------------
-    def track(self, batches: AsyncIterator[list[RequestOutput]], num_choices: int) -> AsyncIterator[list[RequestOutput]]:
+    def track(self, batches: AsyncIterator[list[RequestOutput]], num_choices: int,
+              adapter: str | None = None) -> AsyncIterator[list[RequestOutput]]:
         """Passes a request's engine outputs through (as the engine hands them over: each read's
-        outputs in one list), noting its latencies; closing it closes `batches` (the engine then
-        aborts an unfinished request). Call when the request arrives."""
-        return self._track(batches, num_choices, time.monotonic())
+        outputs in one list), noting its latencies (and its tokens under its LoRA `adapter`);
+        closing it closes `batches` (the engine then aborts an unfinished request). Call when the
+        request arrives."""
+        return self._track(batches, num_choices, time.monotonic(), adapter)
 
     async def _track(self, batches: AsyncIterator[list[RequestOutput]], num_choices: int,
-                     arrival: float) -> AsyncIterator[list[RequestOutput]]:
+                     arrival: float, adapter: str | None) -> AsyncIterator[list[RequestOutput]]:
         pending = self._pending
         last: float | None = None
         unfinished = num_choices
         failed = True
+        generated = 0
         try:
             async with aclosing(batches):
                 async for batch in batches:
@@ -92,6 +102,7 @@ class ReplicaMetrics:
                             if choice.finish_reason is not None:
                                 self._finished[choice.finish_reason] += 1
                                 unfinished -= 1
+                        generated = out.num_output_tokens
                         if out.finished:
                             pending[m.E2E].append(now - arrival)
                             pending[m.REQUEST_PROMPT_TOKENS].append(out.num_prompt_tokens)
@@ -107,6 +118,10 @@ class ReplicaMetrics:
         finally:
             if unfinished > 0:
                 self._finished["error" if failed else "abort"] += unfinished
+            if adapter is not None:
+                counts = self._by_adapter.setdefault(adapter, [0, 0])
+                counts[0] += 1
+                counts[1] += generated
 
     # ---- the flush task ---------------------------------------------------------------------
     async def _run(self) -> None:
@@ -135,6 +150,10 @@ class ReplicaMetrics:
         finished, self._finished = self._finished, collections.Counter()
         for reason, count in finished.items():
             self._success.inc(count, tags={"finished_reason": reason})
+        by_adapter, self._by_adapter = self._by_adapter, {}
+        for adapter, (requests, tokens) in by_adapter.items():
+            _inc(self._adapter_requests, requests, {"adapter": adapter})
+            _inc(self._adapter_tokens, tokens, {"adapter": adapter})
 
         stats, last = self._stats(), self._last
         self._last = stats

@@ -5,6 +5,11 @@
     GET  /v1/models, POST /v1/...     (the configured default tier)
     GET  /<tier>/stats                (one replica's view: tuning, queue, latency fit)
     POST /<tier>/tokenize  /<tier>/detokenize  (and /tokenize, /detokenize: vLLM's bodies)
+    POST /<tier>/v1/load_lora_adapter  /<tier>/v1/unload_lora_adapter  (and under /v1: vLLM's bodies)
+
+`model` selects the served model or one of the tier's LoRA adapters (from the config, or loaded at
+runtime: deployments/adapter_registry.py). A request with an adapter goes, through Serve's model
+multiplexing, to a replica that already holds it where one can take it.
 
 It validates requests (into the engine's `SamplingParams`, a torch-free type), fans batch prompts
 out, streams SSE and formats responses; it holds no tensors and its process never loads torch. `x-request-id` (the
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
@@ -36,11 +41,22 @@ from deployments.backpressure import AdmissionConfig, Slot, TierGate
 from deployments.body_limit import BodyLimitMiddleware
 from deployments.errors import OpenAIError, install_error_handlers, internal_error
 from deployments.openai_format import ResponseBuilder, sse
-from deployments.openai_schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from deployments.openai_schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    LoadLoRAAdapterRequest,
+    TokenizeRequest,
+    UnloadLoRAAdapterRequest,
+)
 from deployments.protocol import ErrorInfo, GenerateChunk, GenerateRequest, TokenizeJob
 from deployments.router_metrics import MetricsMiddleware, RouterMetrics
+from engine.lora_request import LoRARequest
 
 _PING_TIMEOUT_S = 5.0
+# How long a router trusts what it last read of the runtime-loaded adapters (load and unload calls
+# through another router replica reach this one within it).
+_ADAPTER_TTL_S = 1.0
 
 log = logging.getLogger("ray.serve")
 
@@ -154,14 +170,19 @@ class RouterSettings:
     auth: AuthConfig
     admission: dict[str, AdmissionConfig]  # per tier
     max_body_bytes: int
+    adapters: dict[str, dict[str, str]]  # per tier: LoRA adapter name -> folder, from the config
+    runtime_loading: dict[str, bool]  # per tier: load_lora_adapter / unload_lora_adapter allowed
 
 
 @serve.deployment
 @serve.ingress(app)
 class Router:
-    def __init__(self, tiers: dict[str, DeploymentHandle], settings: RouterSettings) -> None:
+    def __init__(self, tiers: dict[str, DeploymentHandle], settings: RouterSettings,
+                 registry: DeploymentHandle | None = None) -> None:
         self.tiers = tiers
         self.settings = settings
+        self.registry = registry  # the runtime-loaded adapters, where some tier allows them
+        self._runtime: dict[tuple[str, str], tuple[str | None, float]] = {}  # (tier, name) -> (folder, read at)
         self.created = int(time.time())
         self.guard = ApiKeyGuard(settings.auth.entries(), settings.default_tier)
         self.gates = {name: TierGate(name, settings.admission[name]) for name in tiers}
@@ -174,9 +195,29 @@ class Router:
             raise OpenAIError(404, f"unknown tier {name!r}; tiers: {sorted(self.tiers)}", code="tier_not_found")
         return name
 
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model != self.settings.served_model_name:
+    async def _adapter(self, tier: str, model: str | None) -> LoRARequest | None:
+        """The adapter `model` names on this tier (None: the served model); 404 for anything else."""
+        if model is None or model == self.settings.served_model_name:
+            return None
+        path = self.settings.adapters[tier].get(model)
+        if path is None and self.registry is not None and self.settings.runtime_loading[tier]:
+            path = await self._runtime_path(tier, model)
+        if path is None:
             raise OpenAIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        return LoRARequest(model, path)
+
+    async def _runtime_path(self, tier: str, name: str) -> str | None:
+        assert self.registry is not None
+        now = time.monotonic()
+        path, read_at = self._runtime.get((tier, name), (None, -_ADAPTER_TTL_S))
+        if now - read_at >= _ADAPTER_TTL_S:
+            path = await self.registry.lookup.remote(tier, name)
+            self._runtime[(tier, name)] = (path, now)
+        return path
+
+    def _card(self, model_id: str, tier: str, **extra: Any) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": self.created, "owned_by": "mixtral-serve",
+                "max_model_len": self.settings.max_model_len[tier], **extra}
 
     # ---- endpoints ------------------------------------------------------------------------
     @app.get("/health")
@@ -195,12 +236,56 @@ class Router:
     @app.get("/{tier}/v1/models")
     async def models(self, tier: str | None = None) -> JSONResponse:
         name = self._tier(tier)
-        card = {
-            "id": self.settings.served_model_name, "object": "model", "created": self.created,
-            "owned_by": "mixtral-serve", "root": self.settings.served_model_name,
-            "max_model_len": self.settings.max_model_len[name],
-        }
-        return JSONResponse({"object": "list", "data": [card]}, headers={"x-tier": name})
+        base = self.settings.served_model_name
+        adapters = dict(self.settings.adapters[name])
+        if self.registry is not None and self.settings.runtime_loading[name]:
+            adapters |= await self.registry.listing.remote(name)
+        # As vLLM lists them: an adapter's `root` is its folder, its `parent` the base model.
+        cards = [self._card(base, name, root=base, parent=None)]
+        cards += [self._card(adapter, name, root=path, parent=base) for adapter, path in sorted(adapters.items())]
+        return JSONResponse({"object": "list", "data": cards}, headers={"x-tier": name})
+
+    @app.post("/v1/load_lora_adapter")
+    @app.post("/{tier}/v1/load_lora_adapter")
+    async def load_lora_adapter(self, body: LoadLoRAAdapterRequest, tier: str | None = None) -> PlainTextResponse:
+        """Serves a new adapter on the tier: checked by one replica, then known to every router and
+        sent with each request that names it (replicas read it on first use)."""
+        name = self._runtime_tier(tier)
+        adapter = body.lora_name
+        if adapter == self.settings.served_model_name or adapter in self.settings.adapters[name]:
+            raise OpenAIError(400, f"The lora adapter '{adapter}' has already been loaded.", param="lora_name")
+        await self._ask(name, self.tiers[name].check_adapter.remote(LoRARequest(adapter, body.lora_path)))
+        assert self.registry is not None
+        if not await self.registry.add.remote(name, adapter, body.lora_path):
+            raise OpenAIError(400, f"The lora adapter '{adapter}' has already been loaded.", param="lora_name")
+        self._runtime[(name, adapter)] = (body.lora_path, time.monotonic())
+        log.info("tier %s: LoRA adapter %s loaded from %s", name, adapter, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{adapter}' added successfully.", headers={"x-tier": name})
+
+    @app.post("/v1/unload_lora_adapter")
+    @app.post("/{tier}/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, body: UnloadLoRAAdapterRequest, tier: str | None = None) -> PlainTextResponse:
+        """Stops serving a runtime-loaded adapter: new requests naming it get 404; requests already
+        running with it finish; replicas let go of its weights as other adapters need the room."""
+        name = self._runtime_tier(tier)
+        adapter = body.lora_name
+        if adapter in self.settings.adapters[name]:
+            raise OpenAIError(400, f"The lora adapter '{adapter}' comes from the config file; remove it there.",
+                              param="lora_name")
+        assert self.registry is not None
+        if not await self.registry.remove.remote(name, adapter):
+            raise OpenAIError(404, f"The lora adapter '{adapter}' cannot be found.", param="lora_name",
+                              code="model_not_found")
+        self._runtime[(name, adapter)] = (None, time.monotonic())
+        log.info("tier %s: LoRA adapter %s unloaded", name, adapter)
+        return PlainTextResponse(f"Success: LoRA adapter '{adapter}' removed successfully.", headers={"x-tier": name})
+
+    def _runtime_tier(self, tier: str | None) -> str:
+        name = self._tier(tier)
+        if not self.settings.runtime_loading[name]:
+            raise OpenAIError(400, f"tier {name!r} does not load LoRA adapters at runtime: set lora.runtime_loading "
+                                   "in the app's or the tier's config", code="runtime_loading_disabled")
+        return name
 
     @app.get("/{tier}/stats")
     async def stats(self, tier: str) -> JSONResponse:
@@ -211,7 +296,7 @@ class Router:
     @app.post("/{tier}/tokenize")
     async def tokenize(self, body: TokenizeRequest, tier: str | None = None) -> JSONResponse:
         name = self._tier(tier)
-        self._check_model(body.model)
+        await self._adapter(name, body.model)  # an adapter tokenizes as its base model does
         job = TokenizeJob(body.prompt, body.engine_messages(), body.engine_tools(), body.add_special_tokens,
                           body.add_generation_prompt, body.return_token_strs)
         result = await self._ask(name, self.tiers[name].tokenize.remote(job))
@@ -222,7 +307,7 @@ class Router:
     @app.post("/{tier}/detokenize")
     async def detokenize(self, body: DetokenizeRequest, tier: str | None = None) -> JSONResponse:
         name = self._tier(tier)
-        self._check_model(body.model)
+        await self._adapter(name, body.model)
         text = await self._ask(name, self.tiers[name].detokenize.remote(body.tokens))
         return JSONResponse({"prompt": text}, headers={"x-tier": name})
 
@@ -242,13 +327,13 @@ class Router:
     @app.post("/{tier}/v1/completions")
     async def completions(self, body: CompletionRequest, tier: str | None = None) -> Any:
         name = self._tier(tier)
-        self._check_model(body.model)
+        lora = await self._adapter(name, body.model)
         sampling = body.sampling()
         prompts = body.prompts()
         response_id = f"cmpl-{uuid.uuid4().hex}"
         requests = [GenerateRequest(f"{response_id}-{i}", sampling, prompt=p, stream=body.stream,
-                                    priority=body.priority) for i, p in enumerate(prompts)]
-        builder = ResponseBuilder("completion", response_id, self.settings.served_model_name, body.n,
+                                    priority=body.priority, lora=lora) for i, p in enumerate(prompts)]
+        builder = ResponseBuilder("completion", response_id, body.model or self.settings.served_model_name, body.n,
                                   len(prompts), body.logprobs is not None, body.include_usage)
         return await self._respond(name, self.gates[name].admit(), requests, builder, body.stream)
 
@@ -256,12 +341,12 @@ class Router:
     @app.post("/{tier}/v1/chat/completions")
     async def chat(self, body: ChatCompletionRequest, tier: str | None = None) -> Any:
         name = self._tier(tier)
-        self._check_model(body.model)
+        lora = await self._adapter(name, body.model)
         sampling = body.sampling()
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         requests = [GenerateRequest(response_id, sampling, messages=body.engine_messages(), stream=body.stream,
-                                    priority=body.priority, tools=body.tool_use())]
-        builder = ResponseBuilder("chat", response_id, self.settings.served_model_name, body.n, 1,
+                                    priority=body.priority, tools=body.tool_use(), lora=lora)]
+        builder = ResponseBuilder("chat", response_id, body.model or self.settings.served_model_name, body.n, 1,
                                   body.logprobs, body.include_usage)
         return await self._respond(name, self.gates[name].admit(), requests, builder, body.stream)
 
@@ -271,7 +356,9 @@ class Router:
         """Runs admitted requests; the slot is released when the response is over, however it ends."""
         limit = self.settings.admission[tier].request_timeout_s
         deadline = asyncio.get_running_loop().time() + limit
-        handle = self.tiers[tier].options(stream=True)
+        lora = requests[0].lora
+        # Serve's model multiplexing: to a replica already holding the adapter where one can take the request.
+        handle = self.tiers[tier].options(stream=True, multiplexed_model_id=lora.name if lora else "")
         streams: list[DeploymentResponseGenerator] = []
 
         def close() -> None:

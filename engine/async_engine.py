@@ -25,13 +25,15 @@ from engine.engine_core import (
     StepReport,
     ThreadCore,
 )
+from engine.lora_adapter import AdapterError, check_adapter
+from engine.lora_request import LoRARequest
 from engine.outputs import (
     EngineDeadError,
     EngineStats,
+    RequestError,
     RequestFailedError,
     RequestOutput,
 )
-from engine.lora_request import LoRARequest
 from engine.ranks import RankPlacement, WorkerLauncher, launch_local
 from engine.sampling_params import SamplingParams
 
@@ -70,6 +72,7 @@ class AsyncEngine:
         self.tokenizer = self.core.tokenizer
         self._limits = self.core.info.limits
         self.cpu_threads = self.core.info.cpu_threads
+        self.model_config, self._lora = self.core.info.model_config, self.core.info.lora
         self._tuning = self.core.info.tuning
         # NOTE: stats() serves the snapshot the core takes after each step: reading a live
         # engine from the event loop would race the step and could mix fields from before and
@@ -164,6 +167,16 @@ class AsyncEngine:
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raises `RequestError` for a request that could never complete (as `stream` would)."""
         self._limits.check(prompt_ids, params)
+
+    def check_adapter(self, lora: LoRARequest) -> None:
+        """Raises `RequestError` naming what keeps this engine from serving the adapter (its config and
+        tensor headers are read, not its weights; the core reads those on first use)."""
+        if not self._lora.max_loras:
+            raise RequestError("LoRA adapters are off in this engine: set lora.max_loras above 0", param="model")
+        try:
+            check_adapter(lora.path, self.model_config, self._lora.max_lora_rank)
+        except AdapterError as err:
+            raise RequestError(f"adapter {lora.name!r}: {err}", param="lora_path") from None
 
     async def abort(self, request_id: str) -> None:
         self.core.send(request_id)

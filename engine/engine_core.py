@@ -34,9 +34,10 @@ from typing import Any
 import torch
 
 from engine.checkpoint import default_model_dir
-from engine.config import EngineConfig, SchedulerConfig
+from engine.config import EngineConfig, LoRAConfig, SchedulerConfig
 from engine.llm_engine import LLMEngine
 from engine.lora_request import LoRARequest
+from engine.model_config import ModelConfig
 from engine.outputs import EngineDeadError, EngineStats, RequestOutput, StepFailedError
 from engine.ranks import RankPlacement, WorkerLauncher
 from engine.request_limits import RequestLimits
@@ -83,6 +84,8 @@ class CoreInfo:
     tuning: SchedulerConfig
     stats: EngineStats
     cpu_threads: int  # what the core's steps compute on (engine/host_cpus.py)
+    model_config: ModelConfig  # what an adapter is checked against
+    lora: LoRAConfig
 
 
 @dataclass
@@ -93,7 +96,9 @@ class CoreLoop:
     _last_fit: float = field(default=0.0)
 
     def info(self) -> CoreInfo:
-        return CoreInfo(self.engine.limits, self.engine.config.scheduler, self.engine.stats(), torch.get_num_threads())
+        engine = self.engine
+        return CoreInfo(engine.limits, engine.config.scheduler, engine.stats(), torch.get_num_threads(),
+                        engine.model_config, engine.config.lora)
 
     def step(self, commands: list[Command]) -> StepReport:
         delivered: list[Delivery] = []

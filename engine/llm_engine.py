@@ -368,4 +368,8 @@ class LLMEngine:
             last_batch_tokens=self._last_batch[0],
             last_batch_seqs=self._last_batch[1],
             expert_tokens=self.runner.expert_counts.view(self.model_config.num_hidden_layers, -1).tolist(),
+            lora_resident=0 if self.lora_slots is None else len(self.lora_slots.resident),
+            lora_slot_loads_total=0 if self.lora_slots is None else self.lora_slots.loads_total,
+            lora_reads_total=self.runner.adapters.reads_total,
+            lora_read_seconds_total=self.runner.adapters.read_seconds_total,
         )

@@ -11,6 +11,7 @@ all-reduce as the base ones.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +47,19 @@ class AdapterCache:
     def __init__(self, cfg: ModelConfig, max_rank: int, capacity: int) -> None:
         self.cfg, self.max_rank, self.capacity = cfg, max_rank, capacity
         self._adapters: OrderedDict[str, LoRAAdapter] = OrderedDict()
+        self.reads_total = 0
+        self.read_seconds_total = 0.0
 
     def holds(self, request: LoRARequest) -> bool:
         return request.key in self._adapters
 
     def read(self, request: LoRARequest) -> LoRAAdapter:
         """Reads the adapter from disk (any thread; nothing cached); AdapterError names what is wrong."""
-        return read_adapter(Path(request.path), self.cfg, self.max_rank)
+        start = time.perf_counter()
+        adapter = read_adapter(Path(request.path), self.cfg, self.max_rank)
+        self.reads_total += 1
+        self.read_seconds_total += time.perf_counter() - start
+        return adapter
 
     def put(self, request: LoRARequest, adapter: LoRAAdapter) -> None:
         self._adapters[request.key] = adapter

@@ -85,6 +85,10 @@ class EngineStats:
     last_batch_tokens: int
     last_batch_seqs: int
     expert_tokens: list[list[int]]  # [layer][expert] tokens routed since start
+    lora_resident: int = 0  # adapters in the device slots
+    lora_slot_loads_total: int = 0  # adapters written into a slot since start
+    lora_reads_total: int = 0  # adapters read from disk since start
+    lora_read_seconds_total: float = 0.0  # ... and the time those reads took
     healthy: bool = True
     error: str | None = None
 

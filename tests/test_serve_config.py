@@ -122,6 +122,12 @@ def _rename_tier(old: str, new: str) -> dict[str, Any]:
     (_set("tiers.latency.engine.quantization", "int4"), r"tiers\.latency\.engine\.quantization"),
     (_set("tiers.fixed-latency.tuning.itl_serving_margin_ms", 60),
      r"tiers\.fixed-latency\.tuning\s.*itl_serving_margin_ms \(60.0\) must be below itl_target_ms"),
+    (_set("lora", {"runtime_loading": True}),
+     r"tiers\.latency serves LoRA adapters but tiers\.latency\.engine\.lora\.max_loras is 0"),
+    (_set("tiers.latency.lora", {"adapters": {"sql": "/no/such/adapter"}}),
+     r"adapter 'sql': folder '/no/such/adapter' does not exist"),
+    (_set("lora", {"adapters": {"bad name": "/tmp"}}), r"lora\.adapters\.bad name\.\[key\]"),
+    (_set("tiers.latency.lora", {"adapters": {"mixtral-tiny": "/tmp"}}), r"is the served model's name"),
 ])
 def test_bad_config_is_an_error_naming_the_key(args: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -160,9 +166,10 @@ def test_policy_reads_the_replicas_stats_through_serve_context() -> None:
 
 
 def test_router_process_never_imports_torch() -> None:
-    # Of the engine, only its torch-free leaf types (configuration, sampling parameters, output constraints).
+    # Of the engine, only its torch-free leaf types (configuration, sampling parameters, output constraints,
+    # the adapter a request names).
     code = ("import sys, deployments.router; assert 'torch' not in sys.modules; "
             "engine = sorted(m for m in sys.modules if m.split('.')[0] == 'engine'); "
-            "assert engine == ['engine', 'engine.config', 'engine.sampling_params', 'engine.structured_output'], "
-            "engine")
+            "assert engine == ['engine', 'engine.config', 'engine.lora_request', 'engine.sampling_params', "
+            "'engine.structured_output'], engine")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=CONFIGS.parent, timeout=120)
