@@ -46,6 +46,10 @@ class BenchConfig(BaseModel):
     output_len: int = Field(128, ge=1)
     output_len_range: tuple[int, int] | None = None
     dataset: Path | None = None  # JSONL {"prompt", "max_tokens"}
+    # Multi-turn chat: (conversations, turns); each turn sends the whole history plus a new question
+    # (input_len words), the conversations run at once. Replaces the load levels.
+    multi_turn: tuple[int, int] | None = None
+    system_prompt_len: int = Field(0, ge=0)  # words of a system prompt every conversation shares
     max_model_len: int | None = Field(None, ge=2)
     ignore_eos: bool = True
     temperature: float = Field(0.0, ge=0)
@@ -83,6 +87,11 @@ class BenchConfig(BaseModel):
             if kind == "concurrency" and self.request_rate is not None:
                 raise ValueError("a concurrency sweep runs closed loops: drop --request-rate")
             self.sweep = (kind, sorted(values))
+        if self.multi_turn is not None and (self.sweep or self.request_rate or self.concurrency or self.dataset):
+            raise ValueError("--multi-turn sets the load itself (its conversations run at once): drop "
+                             "--sweep, --request-rate, --concurrency and --dataset")
+        if self.multi_turn is not None and min(self.multi_turn) < 1:
+            raise ValueError(f"multi_turn must be N:T with N, T >= 1, got {self.multi_turn}")
         if self.request_rate == float("inf") and self.num_requests is None:
             raise ValueError("an infinite request rate sends everything at once: give --num-requests")
         if self.num_requests is None and self.duration_s is None:
@@ -90,6 +99,8 @@ class BenchConfig(BaseModel):
         return self
 
     def levels(self) -> list[LoadLevel]:
+        if self.multi_turn is not None:
+            return [LoadLevel(kind="concurrency", value=self.multi_turn[0])]
         if self.sweep is not None:
             kind, values = self.sweep
             cap = self.concurrency if kind == "request_rate" else None
@@ -110,7 +121,7 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
     # NOTE: imported here so the rest of the command line works without the `openai` package.
     import openai
 
-    from benchmarks.serve_load import Sender, Workload, list_model, run_load
+    from benchmarks.serve_load import Conversations, Sender, Workload, list_model, run_conversations, run_load
     from benchmarks.serve_report import summarize
 
     runs: list[RunResult] = []
@@ -134,9 +145,14 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
             send = Sender(client, model, config.endpoint, config.ignore_eos, config.temperature, config.timeout_s)
             for level in config.levels():
                 name = f"{tier + ' ' if tier else ''}{level.label}"
-                load = await run_load(send, workload, level, num_requests=config.num_requests,
-                                      duration_s=config.duration_s, warmup=config.warmup, seed=config.seed,
-                                      progress=name if config.progress else None)
+                progress = name if config.progress else None
+                if config.multi_turn is not None:
+                    conversations = Conversations(*config.multi_turn, config.system_prompt_len)
+                    load = await run_conversations(send, workload, conversations, progress=progress)
+                else:
+                    load = await run_load(send, workload, level, num_requests=config.num_requests,
+                                          duration_s=config.duration_s, warmup=config.warmup, seed=config.seed,
+                                          progress=progress)
                 runs.append(summarize(load.records, tier=tier, base_url=url, model=model, load=level,
                                       duration_s=load.duration_s, warmup_failed=load.warmup_failed,
                                       slo=config.slo, slo_attainment=config.slo_attainment,
@@ -235,6 +251,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     work.add_argument("--output-len", "--random-output-len", type=int, default=128)
     work.add_argument("--output-len-range", type=_pair, metavar="A:B")
     work.add_argument("--dataset", type=Path, help='JSONL rows {"prompt": ..., "max_tokens": ...}')
+    work.add_argument("--multi-turn", type=_pair, metavar="N:T",
+                      help="N conversations of T chat turns at once, each turn the whole history plus a new "
+                           "question of --input-len words (reports the prefix cache hit rate)")
+    work.add_argument("--system-prompt-len", type=int, default=0, help="with --multi-turn: words of a shared "
+                                                                         "system prompt")
     work.add_argument("--max-model-len", type=int, help="context length for --input-len max (default: the "
                                                          "server's model card)")
     work.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
@@ -274,6 +295,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         duration_s=args.duration, warmup=args.warmup, seed=args.seed,
         input_len="max" if args.input_len == "max" else int(args.input_len), input_len_range=args.input_len_range,
         output_len=args.output_len, output_len_range=args.output_len_range, dataset=args.dataset,
+        multi_turn=args.multi_turn, system_prompt_len=args.system_prompt_len,
         max_model_len=args.max_model_len, ignore_eos=args.ignore_eos, temperature=args.temperature,
         timeout_s=args.timeout, slo=dict(args.slo) | dict(args.goodput), slo_attainment=args.slo_attainment,
         sweep=args.sweep, out=_out(args), progress=not args.no_progress, percentile_metrics=args.percentile_metrics,

@@ -57,6 +57,7 @@ class RequestSpec:
     prompt: str
     max_tokens: int
     approx_input_tokens: int | None  # None for dataset prompts (unknown without the tokenizer)
+    messages: list[dict[str, str]] | None = None  # a conversation so far: sent as chat, `prompt` unused
 
 
 @dataclass
@@ -128,8 +129,9 @@ class Sender:
     temperature: float = 0.0
     timeout_s: float = 300.0
 
-    async def __call__(self, spec: RequestSpec, index: int, t0: float, scheduled_s: float | None = None
-                       ) -> RequestResult:
+    async def __call__(self, spec: RequestSpec, index: int, t0: float, scheduled_s: float | None = None,
+                       reply: list[str] | None = None) -> RequestResult:
+        """`reply`: where the generated text goes, piece by piece (a conversation's next turn sends it)."""
         start = time.perf_counter()
         times: list[float] = []  # filled as chunks arrive, so a timeout keeps what came
         usage: dict[str, int] = {}
@@ -138,7 +140,7 @@ class Sender:
         try:
             # NOTE: the client's own timeout bounds each read; a stream that keeps trickling
             # needs this overall deadline to end.
-            await asyncio.wait_for(self._stream(spec, start, times, usage), self.timeout_s)
+            await asyncio.wait_for(self._stream(spec, start, times, usage, reply), self.timeout_s)
         except openai.APIStatusError as err:
             status = "rejected" if err.status_code in REJECT_STATUS else "failed"
             error = f"HTTP {err.status_code}: {_message(err)}"
@@ -152,23 +154,24 @@ class Sender:
         ok = status == "ok"
         return RequestResult(
             index=index, scheduled_s=scheduled_s, start_s=start - t0, status=status, error=error,
-            input_tokens=usage.get("prompt_tokens", spec.approx_input_tokens),
+            input_tokens=usage.get("prompt_tokens", spec.approx_input_tokens), cached_tokens=usage.get("cached_tokens"),
             output_tokens=usage.get("completion_tokens", len(times)) if ok else 0,
             ttft_ms=times[0] * 1000 if ok and times else None,
             e2e_ms=(end - start) * 1000,
             itl_ms=(np.diff(times) * 1000).tolist() if ok else [],
         )
 
-    async def _stream(self, spec: RequestSpec, start: float, times: list[float], usage: dict[str, int]) -> None:
+    async def _stream(self, spec: RequestSpec, start: float, times: list[float], usage: dict[str, int],
+                      reply: list[str] | None) -> None:
         kwargs: dict[str, Any] = {
             "model": self.model, "max_tokens": spec.max_tokens, "temperature": self.temperature, "stream": True,
             "stream_options": {"include_usage": True},
         }
         if self.ignore_eos:
             kwargs["extra_body"] = {"ignore_eos": True}  # vLLM's (and ours) extension: exact lengths
-        if self.endpoint == "chat":
-            stream = await self.client.chat.completions.create(
-                messages=[{"role": "user", "content": spec.prompt}], **kwargs)
+        if spec.messages is not None or self.endpoint == "chat":
+            messages = spec.messages or [{"role": "user", "content": spec.prompt}]
+            stream = await self.client.chat.completions.create(messages=messages, **kwargs)  # type: ignore[arg-type]
         else:
             stream = await self.client.completions.create(prompt=spec.prompt, **kwargs)
         any_choice: list[float] = []
@@ -178,12 +181,17 @@ class Sender:
                 if chunk.usage is not None:
                     usage.update(prompt_tokens=chunk.usage.prompt_tokens,
                                  completion_tokens=chunk.usage.completion_tokens)
+                    details = chunk.usage.prompt_tokens_details
+                    if details is not None and details.cached_tokens is not None:
+                        usage["cached_tokens"] = details.cached_tokens
                 if not chunk.choices:
                     continue
                 any_choice.append(now)
                 # A chat role header or a bare finish chunk carries no token: not timed.
-                if any(_text(c) for c in chunk.choices):
+                if texts := [t for c in chunk.choices if (t := _text(c))]:
                     times.append(now)
+                    if reply is not None:
+                        reply.extend(texts)
         if not times:  # nothing but empty chunks: time those rather than report no TTFT
             times.extend(any_choice)
 
@@ -265,6 +273,50 @@ async def run_load(send: Sender, workload: Workload, level: LoadLevel, *, num_re
         bar.close()
     records.sort(key=lambda r: r.index)
     return LoadRun(records, time.perf_counter() - t0, sum(r.status != "ok" for r in warm))
+
+
+@dataclass(frozen=True)
+class Conversations:
+    """`count` users, each holding a conversation of `turns` turns: every turn sends the whole
+    history (a shared system prompt of `system_len` words, the earlier questions and the server's
+    own answers) plus a new question drawn as `Workload.request` draws prompts."""
+
+    count: int
+    turns: int
+    system_len: int = 0
+
+
+async def run_conversations(send: Sender, workload: Workload, conversations: Conversations, *,
+                            progress: str | None) -> LoadRun:
+    """Each user runs its turns one after another; the users run at once (a closed loop of `count`)."""
+    rng = np.random.default_rng([workload.seed, 7])
+    system = " ".join(WORDS[w] for w in rng.choice(len(WORDS), size=conversations.system_len))
+    bar = tqdm(total=conversations.count * conversations.turns, desc=progress, unit="req", leave=False,
+               disable=progress is None)
+    records: list[RequestResult] = []
+    t0 = time.perf_counter()
+
+    async def user(c: int) -> None:
+        history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+        for turn in range(conversations.turns):
+            index = c * conversations.turns + turn
+            question = workload.request(index)
+            history.append({"role": "user", "content": question.prompt})
+            reply: list[str] = []
+            result = await send(RequestSpec(question.prompt, question.max_tokens, None, list(history)), index, t0,
+                                reply=reply)
+            records.append(result)
+            bar.update()
+            if result.status != "ok":
+                return  # a conversation whose turn failed ends there
+            history.append({"role": "assistant", "content": "".join(reply)})
+
+    try:
+        await asyncio.gather(*(user(c) for c in range(conversations.count)))
+    finally:
+        bar.close()
+    records.sort(key=lambda r: r.index)
+    return LoadRun(records, time.perf_counter() - t0, 0)
 
 
 async def list_model(client: openai.AsyncOpenAI) -> tuple[str, int | None]:

@@ -50,6 +50,7 @@ class RequestResult(BaseModel):
     status: Status
     error: str | None = None
     input_tokens: int | None = None  # from the server's usage, else the workload's estimate
+    cached_tokens: int | None = None  # prompt tokens the server's prefix cache held (its usage, where given)
     output_tokens: int = 0  # from the server's usage, else the number of text chunks
     ttft_ms: float | None = None
     e2e_ms: float  # to the end of the stream (to the error for a failed request)
@@ -109,6 +110,9 @@ class RunResult(BaseModel):
     warmup_failed: int
     input_tokens: int
     output_tokens: int
+    # Prompt tokens the server found in its prefix cache over all prompt tokens (servers that report
+    # usage.prompt_tokens_details.cached_tokens: mixtral-serve, vLLM); None where none was reported.
+    prefix_cache_hit_rate: float | None = None
     request_throughput: float  # successful requests / s
     output_tok_s: float  # output tokens of all sessions / s (AIME's "total tokens/s")
     total_tok_s: float  # input + output tokens / s (vLLM's "total token throughput")
@@ -179,12 +183,15 @@ def summarize(records: list[RequestResult], *, tier: str | None, base_url: str, 
     duration = max(duration_s, 1e-9)
     input_tokens = sum(r.input_tokens or 0 for r in ok)
     output_tokens = sum(r.output_tokens for r in ok)
+    reported = [r for r in ok if r.cached_tokens is not None and r.input_tokens]
     good = sum(r.meets(slo) for r in records)
     attainment = good / len(records) if records else 0.0
     return RunResult(
         tier=tier, base_url=base_url, model=model, load=load, duration_s=duration_s,
         issued=len(records), successful=counts["ok"], failed=counts["failed"], rejected=counts["rejected"],
         warmup_failed=warmup_failed, input_tokens=input_tokens, output_tokens=output_tokens,
+        prefix_cache_hit_rate=(sum(r.cached_tokens or 0 for r in reported) / sum(r.input_tokens or 0 for r in reported)
+                               if reported else None),
         request_throughput=len(ok) / duration,
         output_tok_s=output_tokens / duration,
         total_tok_s=(input_tokens + output_tokens) / duration,
@@ -252,6 +259,8 @@ def print_report(result: BenchResult) -> None:
             ("total tokens/s (input + output)", _f(run.total_tok_s)),
             ("per-session tokens/s (mean)", _f(run.per_session_tok_s)),
         ]
+        if run.prefix_cache_hit_rate is not None:
+            rows.append(("prefix cache hit rate (prompt tokens)", f"{run.prefix_cache_hit_rate:.1%}"))
         for name in result.config.get("percentile_metrics") or ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"):
             d: Dist | None = getattr(run, name)
             rows.append((f"{name[:-3].upper()} ms mean / p50 / p90 / p99",

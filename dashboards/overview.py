@@ -147,6 +147,11 @@ def _engine() -> Row:
         Panel("Prefix cache hit rate",
               [Target(q.ratio_of_rates(m.PREFIX_HITS, m.PREFIX_QUERIES, "tier", REPLICA, WINDOW), "{{tier}}")],
               unit="percentunit", max=1, description="Prompt tokens found in the prefix cache over tokens looked up."),
+        Panel("Prefix routing decisions",
+              [Target(_per_s(m.PREFIX_ROUTING, "tier, decision"), "{{tier}} {{decision}}")], unit="reqps",
+              description="Requests the router sent to the replica holding their longest prefix (affinity), to the "
+                          "least loaded one because that replica was too busy (imbalanced), or with no prefix seen "
+                          "before (no_match)."),
         Panel("Step time", [Target(f"max by (tier, replica) ({q.series(m.STEP_TIME, REPLICA)})", by_replica)],
               unit="s", description="Duration of each replica's latest engine step (sampled each second)."),
         Panel("Batch size",
@@ -172,9 +177,12 @@ def _lora() -> Row:
                       "{{tier}} slot loads/s")],
               description="Adapters in each replica's device slots, and adapters written into a slot per second "
                           "(steadily high: more adapters in use than slots, engine.lora.max_loras)."),
-        Panel("Adapter read time",
-              [Target(q.ratio_of_rates(m.LORA_READ_TIME, m.LORA_READS, "tier", REPLICA, WINDOW), "{{tier}} mean")],
-              unit="s", description="Mean time to read an adapter from disk (the first request for it waits so long)."),
+        Panel("Adapter read time (mean since start)",
+              [Target(f"{q.sum_by('tier', q.series(m.LORA_READ_TIME, REPLICA))} / "
+                      f"{q.sum_by('tier', q.series(m.LORA_READS, REPLICA))}", "{{tier}} mean")],
+              unit="s", description="Mean time to read an adapter from disk, over every read since the replicas "
+                                    "started (reads are rare: first use, or after eviction from host memory); the "
+                                    "first request for an adapter waits so long."),
     ])
 
 

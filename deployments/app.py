@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from deployments import metrics
 from deployments.adapter_registry import AdapterRegistry
 from deployments.config import ROUTER_DEPLOYMENT, AppConfig, TierConfig
+from deployments.prefix_router import PrefixAffinityRouter
 from deployments.replica import ModelReplica
 from deployments.router import Router, RouterSettings
 from engine.checkpoint import default_model_dir
@@ -70,6 +72,21 @@ def _placement(tier: TierConfig) -> dict[str, Any]:
     }
 
 
+# Ray's resource of the head node (Ray Train pins its state actor with it too): a tiny amount of it
+# places an actor there.
+_ON_HEAD = {"resources": {"node:__internal_head__": 0.001}}
+
+
+def _router_config(tier: TierConfig) -> dict[str, Any]:
+    routing = tier.routing
+    if not routing.prefix_affinity:
+        return {}
+    kwargs = {"block_chars": routing.block_chars, "imbalance_threshold": routing.imbalance_threshold,
+              "imbalance_ratio": routing.imbalance_ratio}
+    return {"request_router_config": RequestRouterConfig(request_router_class=PrefixAffinityRouter,
+                                                         request_router_kwargs=kwargs)}
+
+
 def build_app(args: dict[str, Any]) -> Application:
     config, model_config = validate(args)
     # Every tier's latency targets are buckets of every tier's histograms (the dashboards read them).
@@ -93,6 +110,7 @@ def build_app(args: dict[str, Any]) -> Application:
                 health_check_period_s=dep.health_check_period_s,
                 health_check_timeout_s=dep.health_check_timeout_s,
                 graceful_shutdown_timeout_s=dep.graceful_shutdown_timeout_s,
+                **_router_config(tier),
             )
         handles[name] = deployment.bind(name, engine, dep.engine_stall_s, dep.graceful_shutdown_timeout_s, buckets)
     context = model_config.max_position_embeddings
@@ -107,12 +125,14 @@ def build_app(args: dict[str, Any]) -> Application:
                   for n in config.tiers},
         runtime_loading={n: config.tier_lora(n).runtime_loading for n in config.tiers},
     )
-    registry = AdapterRegistry.bind() if any(settings.runtime_loading.values()) else None
     router = config.router
+    on_head = _ON_HEAD if router.placement == "head" else {}
+    registry = (AdapterRegistry.options(ray_actor_options={"num_cpus": 0, **on_head}).bind()
+                if any(settings.runtime_loading.values()) else None)
     return Router.options(
         name=ROUTER_DEPLOYMENT,
         num_replicas=router.num_replicas,
-        ray_actor_options={"num_cpus": router.num_cpus, "runtime_env": {"env_vars": _ONE_LOOP | {
+        ray_actor_options={"num_cpus": router.num_cpus, **on_head, "runtime_env": {"env_vars": _ONE_LOOP | {
             _HANDLE_PUSH_S: str(min(t.autoscaling.metrics_interval_s for t in config.tiers.values()))}}},
         max_ongoing_requests=router.max_ongoing_requests,
     ).bind(handles, settings, registry)

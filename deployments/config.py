@@ -18,6 +18,7 @@ Layout of `args` (see configs/local.yaml):
         deployment:  Ray resources and Serve replica options
         admission:   the router's queue limits and time limit for the tier (deployments/backpressure.py)
         lora:        adapters this tier serves besides the app's; its engine's `lora` block sizes the slots
+        routing:     how requests pick a replica: prefix affinity balanced against load (deployments/prefix_router.py)
 """
 
 from __future__ import annotations
@@ -117,6 +118,19 @@ class LoRAServing(_Strict):
                            runtime_loading=self.runtime_loading or other.runtime_loading)
 
 
+class TierRouting(_Strict):
+    """How the router picks one of the tier's replicas. With `prefix_affinity`, the replica it sent the
+    longest shared prefix to (a conversation's earlier turns, a common system prompt) while that one
+    carries at most max(`imbalance_threshold`, `imbalance_ratio` x the mean load) more requests than
+    the least loaded, which takes the request otherwise; without it, Serve's default (the less loaded
+    of two random replicas)."""
+
+    prefix_affinity: bool = True
+    imbalance_threshold: float = Field(2.0, ge=0)
+    imbalance_ratio: float = Field(0.5, ge=0)
+    block_chars: int = Field(256, ge=16)  # prefix granularity, in characters (~60 tokens of English)
+
+
 class TierConfig(_Strict):
     engine: EngineConfig = EngineConfig()
     # The engine's scheduler knobs, delivered to replicas only as Serve `user_config`: changing them
@@ -126,6 +140,7 @@ class TierConfig(_Strict):
     deployment: TierDeployment = TierDeployment()
     admission: AdmissionConfig = AdmissionConfig()
     lora: LoRAServing | None = None
+    routing: TierRouting = TierRouting()
 
     @model_validator(mode="after")
     def _engine_keys(self) -> "TierConfig":
@@ -156,6 +171,11 @@ class TierConfig(_Strict):
 
 class RouterConfig(_Strict):
     num_replicas: int = Field(1, ge=1)
+    # "head": router replicas run on the head node, beside a HeadOnly proxy and Ray's own control
+    # plane: a worker node that dies then takes only its model replicas' streams (each ended with an
+    # error event), never a router's and with it every stream through it. "spread": anywhere (with
+    # proxy_location EveryNode, to be near each node's proxy).
+    placement: Literal["head", "spread"] = "head"
     num_cpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(2048, ge=1)
     # Larger request bodies get 413 before they are read.

@@ -149,6 +149,11 @@ REJECTIONS = MetricSpec(
     "Requests refused or cut short, by reason: validation (400/404/413/422), auth (401/403), "
     "overload (429), timeout (408/504), unavailable (503)",
     labels=("tier", "reason"))
+PREFIX_ROUTING = MetricSpec(
+    "mixtral_prefix_routing_decisions_total", "counter", "router",
+    "Requests routed by the prefix-affinity router, by decision: affinity (to the replica holding the "
+    "longest prefix), imbalanced (it was too busy: the least loaded one instead), no_match",
+    labels=("tier", "decision"))
 DISCONNECTS = MetricSpec(
     "mixtral_client_disconnects_total", "counter", "router",
     "Requests whose client went away before the response was complete")
@@ -175,7 +180,7 @@ CATALOG: tuple[MetricSpec, ...] = (
     PROMPT_TOKENS, GENERATION_TOKENS, RUNNING, WAITING, KV_USAGE, PREFIX_QUERIES, PREFIX_HITS, PREEMPTIONS,
     STEPS, STEP_TIME, BATCH_SIZE, BATCH_TOKENS, EXPERT_TOKENS,
     LORA_RESIDENT, LORA_SLOT_LOADS, LORA_READS, LORA_READ_TIME, LORA_REQUESTS, LORA_GENERATION_TOKENS,
-    HTTP_REQUESTS, REJECTIONS, DISCONNECTS,
+    HTTP_REQUESTS, REJECTIONS, DISCONNECTS, PREFIX_ROUTING,
     DESIRED_REPLICAS, CURRENT_REPLICAS, QUEUE_DEPTH, TTFT_BREACHES,
 )
 

@@ -22,12 +22,14 @@ class Block:
     ref_count: int = 0
     hash: int | None = None
     tokens: tuple[int, ...] = ()  # kept to verify a hash hit token by token
-    # Each allocation gets a fresh, never reused fill id. A cached block records the fill id of
+    # Each allocation gets a fresh, never reused fill id. A cached block records the chain id of
     # the block before it when its K/V were computed: with the tokens, that pins down the whole
-    # prefix by induction, which the hash (64-bit, unkeyed for ints) alone cannot.
-    # NOTE: when two requests prefill the same prefix at once, a block that followed the copy
-    # the cache does not name is missed by later lookups: a lost hit, never a wrong one.
+    # prefix by induction, which the hash (64-bit, unkeyed for ints) alone cannot. A block's chain id
+    # is its fill id, or, when two requests prefilled the same prefix at once, the fill id of the
+    # copy the cache names (checked equal: same tokens after the same chain), so the blocks that
+    # followed either copy are found.
     fill_id: int = -1
+    chain_id: int = -1
     parent_fill: int | None = None
     root: str | None = None  # the adapter its K/V were computed under (None: the base model)
 
@@ -93,7 +95,7 @@ class BlockManager:
             if block.tokens != tokens or block.parent_fill != parent_fill or block.root != root:
                 break
             hits.append(block_id)
-            parent_fill = block.fill_id
+            parent_fill = block.chain_id
         return hits
 
     def admit(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -141,7 +143,7 @@ class BlockManager:
                     del self.cached[block.hash]
                 block.hash, block.tokens, block.parent_fill = None, (), None
             block.ref_count = 1
-            block.fill_id = next(self._fill_ids)
+            block.fill_id = block.chain_id = next(self._fill_ids)
             seq.block_table.append(block_id)
 
     def cache_full_blocks(self, seq: Sequence, num_computed_before: int) -> None:
@@ -159,8 +161,11 @@ class BlockManager:
             block = self.blocks[seq.block_table[b]]
             if block.hash is None:
                 block.hash, block.tokens, block.root = parent, tokens, self._root(seq)
-                block.parent_fill = self.blocks[seq.block_table[b - 1]].fill_id if b else None
-                self.cached.setdefault(parent, block.block_id)
+                block.parent_fill = self.blocks[seq.block_table[b - 1]].chain_id if b else None
+                named = self.blocks[self.cached.setdefault(parent, block.block_id)]
+                if named is not block and (named.tokens, named.parent_fill, named.root) == (
+                        block.tokens, block.parent_fill, block.root):
+                    block.chain_id = named.chain_id  # a twin of the named copy: its followers chain on
 
     def free_seq(self, seq: Sequence) -> None:
         # Tail blocks first, so a shared prefix outlives its tails in the LRU.

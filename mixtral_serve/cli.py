@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from benchmarks import engine_bench, lora_bench, serve_bench, serving_path, structured_bench
+from benchmarks import engine_bench, lora_bench, prefix_routing_bench, serve_bench, serving_path, structured_bench
 from dashboards import commands as dashboard_commands
 from engine.checkpoint import DTYPES, PRESETS, write_checkpoint
 from engine.config import EngineConfig
@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("lora", help="decode tokens/s with 0, 1, 4, 16 distinct LoRA adapters in the batch")
     lora_bench.add_arguments(p)
     p.set_defaults(func=lora_bench.main)
+    p = bench.add_parser("prefix-routing", help="multi-turn chat on two replicas: prefix-affinity vs Serve's router")
+    prefix_routing_bench.add_arguments(p)
+    p.set_defaults(func=prefix_routing_bench.main)
 
     dashboard_commands.add_parser(sub)
     return parser

@@ -28,6 +28,8 @@ import requests
 import yaml
 
 from dashboards import build, promql
+from engine.checkpoint import default_model_dir
+from engine.lora_adapter import write_random_adapter
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -41,6 +43,7 @@ RULES = ROOT / build.rules_file(CONFIG)  # the rules shipped for that config
 APP = "mixtral"
 TIERS = ("latency", "throughput", "fixed-latency")
 MODEL = "mixtral-tiny"
+ADAPTER = "tuned"  # a LoRA adapter the latency tier serves
 RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval would be for a 1 s scrape interval and a short range
 DATA_TIMEOUT_S = 60  # Ray's export delay plus two scrapes for every rate()
 # Over two blocks of 16 tokens, sent twice per tier: the second time it hits the prefix cache.
@@ -101,6 +104,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         t0 = time.monotonic()
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
         args = yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
+        # The latency tier serves a LoRA adapter too, so the dashboard's adapter panels have data.
+        adapter = write_random_adapter(default_model_dir(), tmp_path_factory.mktemp("adapter") / ADAPTER, rank=4)
+        args["tiers"]["latency"]["engine"]["lora"] = {"max_loras": 1, "max_lora_rank": 4}
+        args["tiers"]["latency"]["lora"] = {"adapters": {ADAPTER: str(adapter)}}
         serve.run(build_app(args), name=APP, route_prefix="/")
         print(f"\napp running {time.monotonic() - t0:.1f}s after serve.start")
         yield Stack(f"http://127.0.0.1:{http_port}", prometheus_url)
@@ -128,6 +135,7 @@ def complete(stack: Stack, tier: str, prompt: str = "Hello there", stream: bool 
 
 
 def drive_traffic(stack: Stack) -> None:
+    assert complete(stack, "latency", model=ADAPTER).status_code == 200
     for tier in TIERS:
         for stream in (False, True):
             for chat in (False, True):
@@ -148,7 +156,8 @@ def background_load(stack: Stack, stop: threading.Event) -> None:
     """Keeps every tier busy while Prometheus is queried, so every rate() is above zero."""
     i = 0
     while not stop.is_set():
-        complete(stack, TIERS[i % len(TIERS)], stream=i % 2 == 0, max_tokens=16)
+        tier = TIERS[i % len(TIERS)]
+        complete(stack, tier, stream=i % 2 == 0, max_tokens=16, **({"model": ADAPTER} if i % 6 == 0 else {}))
         i += 1
 
 

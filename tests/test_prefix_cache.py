@@ -57,6 +57,26 @@ def test_prefix_cache_reuses_shared_prefix(tiny_checkpoint: Path) -> None:
     assert plain.stats().prefix_cache_hits == 0
 
 
+def test_blocks_after_a_prefix_prefilled_twice_at_once_are_found(tiny_checkpoint: Path) -> None:
+    """Two requests share a prefix (a system prompt) and prefill it in the same step, so each computes
+    its own copy; each one's later turn still finds every block of its own earlier prompt, and the
+    answers are those of an engine without the cache."""
+    rng = random.Random(9)
+    system = rand_ids(rng, 24)  # 6 blocks of 4
+    first = {name: system + rand_ids(rng, 13) for name in ("a", "b")}
+    params = SamplingParams(**GREEDY, max_tokens=6, ignore_eos=True)
+    engine = make_engine(tiny_checkpoint, block_size=4)
+    turn1 = run(engine, {name: (prompt, params) for name, prompt in first.items()})  # one batch: twins
+    plain = make_engine(tiny_checkpoint, block_size=4, prefix_caching=False)
+    for name, prompt in first.items():
+        history = prompt + turn1[name].choices[0].token_ids + rand_ids(rng, 9)
+        again = run(engine, {f"{name}2": (history, params)})[f"{name}2"]
+        assert again.num_cached_tokens >= len(prompt) // 4 * 4, name  # the whole earlier prompt's full blocks
+        want = run(plain, {f"{name}2": (history, params)})[f"{name}2"]
+        assert again.choices[0].token_ids == want.choices[0].token_ids, name
+    assert_idle(engine)
+
+
 @pytest.mark.parametrize(
     "colliding_hash",
     [lambda parent, tokens: hash(tokens), lambda parent, tokens: 0],

@@ -20,9 +20,9 @@ from engine.lora_adapter import write_random_adapter
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
+from reliability_support import free_port  # noqa: E402
 
 from deployments.app import build_app  # noqa: E402
-from reliability_support import free_port  # noqa: E402
 
 MODEL = "tiny"
 ENGINE = {"dtype": "float32", "max_model_len": 1024, "cache": {"kv_cache_bytes": "16MiB", "block_size": 8}}
@@ -130,7 +130,8 @@ def test_concurrent_requests_of_different_adapters_share_the_replica(stack: Stac
                                                          ("late", "late"))
                 for i in range(len(PROMPTS)) for stream in (False, True)]
         with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-            futures = {pool.submit(complete, stack, model, PROMPTS[i], stream): (key, i) for model, key, i, stream in jobs}
+            futures = {pool.submit(complete, stack, model, PROMPTS[i], stream): (key, i)
+                       for model, key, i, stream in jobs}
             for future, (key, i) in futures.items():
                 assert future.result() == offline[key][i], (key, i)
     finally:
