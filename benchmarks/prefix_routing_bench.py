@@ -89,6 +89,7 @@ def run_arm(name: str, args: argparse.Namespace, replicas: int, affinity: bool) 
                   route_prefix="/")
         config = BenchConfig(base_url=f"http://127.0.0.1:{http_port}/v1", tiers=[_TIER], endpoint="chat",
                              multi_turn=(args.conversations, args.turns), system_prompt_len=args.system_prompt_len,
+                             think_time_s=args.think_time,
                              input_len=args.input_len, output_len=args.output_len, seed=args.seed,
                              progress=False)
         run = asyncio.run(run_benchmark(config)).runs[0]
@@ -109,6 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=150, help="words of each new question")
     p.add_argument("--output-len", type=int, default=48, help="tokens of each answer")
     p.add_argument("--system-prompt-len", type=int, default=300, help="words of the shared system prompt")
+    p.add_argument("--think-time", type=float, default=1.0, help="mean seconds a user pauses between turns")
     p.add_argument("--cpu-threads", type=int, default=1, help="engine threads per replica")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=Path)

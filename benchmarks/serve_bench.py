@@ -50,6 +50,7 @@ class BenchConfig(BaseModel):
     # (input_len words), the conversations run at once. Replaces the load levels.
     multi_turn: tuple[int, int] | None = None
     system_prompt_len: int = Field(0, ge=0)  # words of a system prompt every conversation shares
+    think_time_s: float = Field(0.0, ge=0)  # mean pause of a user between an answer and the next question
     max_model_len: int | None = Field(None, ge=2)
     ignore_eos: bool = True
     temperature: float = Field(0.0, ge=0)
@@ -147,7 +148,7 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
                 name = f"{tier + ' ' if tier else ''}{level.label}"
                 progress = name if config.progress else None
                 if config.multi_turn is not None:
-                    conversations = Conversations(*config.multi_turn, config.system_prompt_len)
+                    conversations = Conversations(*config.multi_turn, config.system_prompt_len, config.think_time_s)
                     load = await run_conversations(send, workload, conversations, progress=progress)
                 else:
                     load = await run_load(send, workload, level, num_requests=config.num_requests,
@@ -256,6 +257,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            "question of --input-len words (reports the prefix cache hit rate)")
     work.add_argument("--system-prompt-len", type=int, default=0, help="with --multi-turn: words of a shared "
                                                                          "system prompt")
+    work.add_argument("--think-time", type=float, default=0.0, help="with --multi-turn: mean seconds a user pauses "
+                                                                     "between an answer and the next question")
     work.add_argument("--max-model-len", type=int, help="context length for --input-len max (default: the "
                                                          "server's model card)")
     work.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
@@ -295,7 +298,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         duration_s=args.duration, warmup=args.warmup, seed=args.seed,
         input_len="max" if args.input_len == "max" else int(args.input_len), input_len_range=args.input_len_range,
         output_len=args.output_len, output_len_range=args.output_len_range, dataset=args.dataset,
-        multi_turn=args.multi_turn, system_prompt_len=args.system_prompt_len,
+        multi_turn=args.multi_turn, system_prompt_len=args.system_prompt_len, think_time_s=args.think_time,
         max_model_len=args.max_model_len, ignore_eos=args.ignore_eos, temperature=args.temperature,
         timeout_s=args.timeout, slo=dict(args.slo) | dict(args.goodput), slo_attainment=args.slo_attainment,
         sweep=args.sweep, out=_out(args), progress=not args.no_progress, percentile_metrics=args.percentile_metrics,

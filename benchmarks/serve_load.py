@@ -284,6 +284,7 @@ class Conversations:
     count: int
     turns: int
     system_len: int = 0
+    think_s: float = 0.0  # a user's pause between an answer and the next question (exponential, this mean)
 
 
 async def run_conversations(send: Sender, workload: Workload, conversations: Conversations, *,
@@ -297,6 +298,7 @@ async def run_conversations(send: Sender, workload: Workload, conversations: Con
     t0 = time.perf_counter()
 
     async def user(c: int) -> None:
+        think = np.random.default_rng([workload.seed, 8, c])
         history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
         for turn in range(conversations.turns):
             index = c * conversations.turns + turn
@@ -310,6 +312,8 @@ async def run_conversations(send: Sender, workload: Workload, conversations: Con
             if result.status != "ok":
                 return  # a conversation whose turn failed ends there
             history.append({"role": "assistant", "content": "".join(reply)})
+            if conversations.think_s:
+                await asyncio.sleep(float(think.exponential(conversations.think_s)))
 
     try:
         await asyncio.gather(*(user(c) for c in range(conversations.count)))

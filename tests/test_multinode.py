@@ -138,6 +138,20 @@ def _stream(base: str, index: int, out: dict[str, Any]) -> None:
         out["cut"] = f"{type(err).__name__}: {err}"[:300]
 
 
+def _tree(roots: list[int]) -> list[int]:
+    """The processes `roots` and all their descendants."""
+    children: dict[int, list[int]] = {}
+    for line in subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.splitlines():
+        pid, ppid = map(int, line.split())
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
 def _drive() -> dict[str, Any]:
     import requests
     import yaml
@@ -167,12 +181,11 @@ def _drive() -> dict[str, Any]:
                 raise TimeoutError("the app did not answer /health within 240 s of `serve deploy`")
             time.sleep(0.5)
         result["deploy_s"] = round(time.monotonic() - t0, 1)
-        import ray as ray_api
+        from ray.util.state import list_nodes
 
-        ray_api.init(address=f"127.0.0.1:{gcs}", logging_level="ERROR")
-        nodes = [n for n in ray_api.nodes() if n["Alive"]]
+        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")])
         result["nodes"] = len(nodes)
-        head = next(n["NodeID"] for n in nodes if "node:__internal_head__" in n["Resources"])
+        head = next(n.node_id for n in nodes if n.is_head_node)
         result["head"] = head
         actors = _actors(address)
         replicas = {a.name: a.node_id for a in actors if a.class_name == f"ServeReplica:mixtral:{TIER}"}
@@ -183,11 +196,17 @@ def _drive() -> dict[str, Any]:
         for thread in threads:
             thread.start()
         time.sleep(3)  # every stream is running
+        # The node's machine is lost: its raylet and every process under it (replica workers and their
+        # engine cores) die at once.
         raylet = subprocess.run(["pgrep", "-f", f"raylet.*--node_manager_port={worker_manager}"],
                                 capture_output=True, text=True).stdout.split()
-        result["killed"] = raylet
-        for pid in raylet:
-            os.kill(int(pid), signal.SIGKILL)
+        doomed = _tree([int(pid) for pid in raylet])
+        result["killed"] = len(doomed)
+        for pid in doomed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         killed_at = time.monotonic()
         for thread in threads:
             thread.join(timeout=180)
@@ -220,4 +239,5 @@ def _drive() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    os.environ["RAY_AUTH_MODE"] = "token"  # `ray start` turns token auth on; this driver's state API calls need it
     print(json.dumps(_drive()), flush=True)
