@@ -42,8 +42,8 @@ class ArmResult(BaseModel):
         return max(counts) / (sum(counts) / len(counts)) if counts and sum(counts) else float("nan")
 
 
-def _app_args(model: Path | None, replicas: int, affinity: bool, cpu_threads: int) -> dict[str, Any]:
-    engine = {"dtype": "float32", "max_model_len": 4096, "cpu_threads": cpu_threads,
+def _app_args(model: Path | None, dtype: str, replicas: int, affinity: bool, cpu_threads: int) -> dict[str, Any]:
+    engine = {"dtype": dtype, "max_model_len": 4096, "cpu_threads": cpu_threads,
               "cache": {"kv_cache_bytes": "64MiB", "block_size": 16}}
     return {
         "model": None if model is None else str(model), "served_model_name": "bench", "default_tier": _TIER,
@@ -85,7 +85,7 @@ def run_arm(name: str, args: argparse.Namespace, replicas: int, affinity: bool) 
              _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        serve.run(build_app(_app_args(args.model, replicas, affinity, args.cpu_threads)), name="bench",
+        serve.run(build_app(_app_args(args.model, args.dtype, replicas, affinity, args.cpu_threads)), name="bench",
                   route_prefix="/")
         config = BenchConfig(base_url=f"http://127.0.0.1:{http_port}/v1", tiers=[_TIER], endpoint="chat",
                              multi_turn=(args.conversations, args.turns), system_prompt_len=args.system_prompt_len,
@@ -105,6 +105,7 @@ def run_arm(name: str, args: argparse.Namespace, replicas: int, affinity: bool) 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="checkpoint folder (default: the embedded tiny model)")
+    p.add_argument("--dtype", default="float32")
     p.add_argument("--conversations", type=int, default=8)
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--input-len", type=int, default=150, help="words of each new question")
