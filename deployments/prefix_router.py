@@ -15,7 +15,9 @@ replica set, their queue lengths, rejection and retries; the policy is the only 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -35,7 +37,9 @@ log = logging.getLogger("ray.serve")
 
 
 # NOTE: no FIFOMixin: it hands a chosen replica to the oldest waiting request, not to the one it
-# was chosen for; a prefix decision belongs to its own request (the base class matches by id).
+# was chosen for. Nor the base class's match by internal request id: the calls one HTTP request fans
+# out (a batch of prompts) share that id and Serve indexes only the first, so the others never got a
+# replica. Each routing task hands its replica to the very request it chose for.
 class PrefixAffinityRouter(MultiplexMixin, RequestRouter):
     @property
     def max_num_routing_tasks(self) -> int:
@@ -52,7 +56,9 @@ class PrefixAffinityRouter(MultiplexMixin, RequestRouter):
         self._decisions = m.create(m.PREFIX_ROUTING, {"tier": self._deployment_id.name})
         self._known: set[str] = set()
         self._in_flight: Counter[str] = Counter()  # replica -> requests routed there, not yet completed
-        self._routed: dict[str, str] = {}  # internal request id -> the replica it was routed to
+        self._routed: dict[str, list[str]] = {}  # internal request id -> replicas its calls were routed to
+        self._choice: weakref.WeakKeyDictionary[asyncio.Future, str] = weakref.WeakKeyDictionary()
+        self._routing: weakref.WeakKeyDictionary[asyncio.Task, PendingRequest] = weakref.WeakKeyDictionary()
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -71,19 +77,38 @@ class PrefixAffinityRouter(MultiplexMixin, RequestRouter):
         self.index.record(hashes, decision.replica)
         self._decisions.inc(tags={"decision": decision.kind})
         assert pending_request is not None
-        request_id = pending_request.metadata.internal_request_id
-        if (earlier := self._routed.get(request_id)) is not None:  # routed again (a replica refused it)
+        routed = self._routed.setdefault(pending_request.metadata.internal_request_id, [])
+        if (earlier := self._choice.get(pending_request.future)) is not None:  # again: a replica refused it
             self._in_flight[earlier] -= 1
-        self._routed[request_id] = decision.replica
+            routed.remove(earlier)
+        self._choice[pending_request.future] = decision.replica
+        routed.append(decision.replica)
         self._in_flight[decision.replica] += 1
+        if (task := asyncio.current_task()) is not None:
+            self._routing[task] = pending_request
         rest = sorted((r for rid, r in by_id.items() if rid != decision.replica),
                       key=lambda r: loads[r.replica_id.unique_id])
         return [[by_id[decision.replica]], rest] if rest else [[by_id[decision.replica]]]
 
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata: Any = None) -> None:
+        task = asyncio.current_task()
+        pending = self._routing.pop(task, None) if task is not None else None
+        if pending is None or pending.future.done():
+            super()._fulfill_next_pending_request(replica, request_metadata)
+            return
+        self._cancel_routing_task_for_pending_request(pending)
+        self._record_queue_wait_time(pending)
+        pending.future.set_result(replica)
+        self._remove_pending_request_from_indices(pending)
+
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         super().on_request_completed(replica_id, internal_request_id)
-        if (replica := self._routed.pop(internal_request_id, None)) is not None:
-            self._in_flight[replica] -= 1
+        routed = self._routed.get(internal_request_id, [])
+        if replica_id.unique_id in routed:
+            routed.remove(replica_id.unique_id)
+            self._in_flight[replica_id.unique_id] -= 1
+        if not routed:
+            self._routed.pop(internal_request_id, None)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)

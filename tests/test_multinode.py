@@ -41,15 +41,21 @@ def _isolation_works() -> bool:
     return subprocess.run([*ISOLATE, "true"], capture_output=True, timeout=30).returncode == 0
 
 
-def test_two_node_cluster_survives_losing_its_worker_node() -> None:
+def _run(mode: str) -> dict[str, Any]:
     if not _isolation_works():
         pytest.skip("needs `unshare` (root) so that `ray stop` cannot touch other Ray clusters on this machine")
-    run = subprocess.run([*ISOLATE, sys.executable, __file__], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    run = subprocess.run([*ISOLATE, sys.executable, __file__, mode], capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
     assert lines, f"no result from the driver (exit {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     result = json.loads(lines[-1])
-    print("\nmulti-node run:", json.dumps({k: v for k, v in result.items() if k != "streams"}))
+    print(f"\nmulti-node run ({mode}):", json.dumps({k: v for k, v in result.items() if k != "streams"}))
     assert result.get("error") is None, result
+    return result
+
+
+def test_two_node_cluster_survives_losing_its_worker_node() -> None:
+    result = _run("replicas")
     # Two nodes, the tier's replicas on both, the routers on the head.
     assert result["nodes"] == 2
     assert len(set(result["replica_nodes"].values())) == 2, result["replica_nodes"]
@@ -67,6 +73,19 @@ def test_two_node_cluster_survives_losing_its_worker_node() -> None:
     assert result["recovered_s"] is not None and result["after"] == [200] * 8, result
 
 
+def test_a_tensor_parallel_replica_losing_a_ranks_node_is_replaced_whole() -> None:
+    """One TP=2 replica, its two ranks on the two nodes (SPREAD): losing the worker node takes one rank;
+    the replica's streams end with an error event, Serve replaces the whole replica (both ranks, now on
+    the head) and later requests succeed."""
+    result = _run("tensor-parallel")
+    assert result["nodes"] == 2 and len(set(result["rank_nodes"])) == 2, result  # ranks on both nodes
+    streams = result["streams"]
+    assert all(s["cut"] is None and s["done"] for s in streams), streams
+    assert all(s["error"] is not None and "retry" in s["error"] for s in streams), streams
+    assert result["replaced"] and result["recovered_s"] is not None, result
+    assert result["after"] == [200] * 8, result
+
+
 # ---- the driver: runs inside the namespace ---------------------------------------------------------
 def _free_port() -> int:
     import socket
@@ -76,8 +95,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(http: int) -> dict[str, Any]:
+def _config(http: int, mode: str) -> dict[str, Any]:
     engine = {"dtype": "float32", "max_model_len": 1024, "cpu_threads": 1, "cache": {"kv_cache_bytes": "32MiB"}}
+    replicas, deployment = 2, {"num_cpus": 0.4}
+    if mode == "tensor-parallel":  # one replica, a rank on each node
+        engine["tensor_parallel_size"] = 2
+        replicas, deployment = 1, {"num_cpus": 0.8, "placement_strategy": "SPREAD"}
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": http},
@@ -89,8 +112,8 @@ def _config(http: int) -> dict[str, Any]:
                 "tiers": {TIER: {
                     "engine": engine,
                     "tuning": {"max_num_seqs": 32, "stream_flush_ms": 50},
-                    "autoscaling": {"min_replicas": 2, "max_replicas": 2},
-                    "deployment": {"num_cpus": 0.4, "health_check_period_s": 2, "health_check_timeout_s": 10},
+                    "autoscaling": {"min_replicas": replicas, "max_replicas": replicas},
+                    "deployment": deployment | {"health_check_period_s": 2, "health_check_timeout_s": 10},
                     "admission": {"request_timeout_s": 120},
                 }},
             },
@@ -152,14 +175,14 @@ def _tree(roots: list[int]) -> list[int]:
     return found
 
 
-def _drive() -> dict[str, Any]:
+def _drive(mode: str) -> dict[str, Any]:
     import requests
     import yaml
 
     result: dict[str, Any] = {"error": None, "recovered_s": None}
     gcs, dashboard, http, worker_manager = (_free_port() for _ in range(4))
     tmp = Path(tempfile.mkdtemp(prefix="mn-", dir="/tmp"))
-    (tmp / "app.yaml").write_text(yaml.safe_dump(_config(http)))
+    (tmp / "app.yaml").write_text(yaml.safe_dump(_config(http, mode)))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_worker_niceness": "0"}
     ray, serve = str(BIN / "ray"), str(BIN / "serve")
     address = f"http://127.0.0.1:{dashboard}"
@@ -190,6 +213,8 @@ def _drive() -> dict[str, Any]:
         actors = _actors(address)
         replicas = {a.name: a.node_id for a in actors if a.class_name == f"ServeReplica:mixtral:{TIER}"}
         result["replica_nodes"] = replicas
+        ranks = [a.node_id for a in actors if a.class_name.endswith("RankActor")]
+        result["rank_nodes"] = [*replicas.values(), *ranks]
         result["router_nodes"] = [a.node_id for a in actors if a.class_name == "ServeReplica:mixtral:router"]
         streams = [dict[str, Any]() for _ in range(STREAMS)]
         threads = [threading.Thread(target=_stream, args=(base, i, streams[i])) for i in range(STREAMS)]
@@ -216,8 +241,11 @@ def _drive() -> dict[str, Any]:
             alive = [a for a in _actors(address) if a.class_name == f"ServeReplica:mixtral:{TIER}"]
             status = yaml.safe_load(_cli([serve, "status", "-a", address], env, 60))
             app = status["applications"]["mixtral"]
-            if len(alive) == 2 and app["status"] == "RUNNING" and all(n == head for n in (a.node_id for a in alive)):
+            fresh = {a.name for a in alive} - set(replicas)
+            if (len(alive) == len(replicas) and app["status"] == "RUNNING" and fresh
+                    and all(a.node_id == head for a in alive)):
                 result["recovered_s"] = round(time.monotonic() - killed_at, 1)
+                result["replaced"] = sorted(fresh)
                 break
             time.sleep(1)
         after = []
@@ -240,4 +268,4 @@ def _drive() -> dict[str, Any]:
 
 if __name__ == "__main__":
     os.environ["RAY_AUTH_MODE"] = "token"  # `ray start` turns token auth on; this driver's state API calls need it
-    print(json.dumps(_drive()), flush=True)
+    print(json.dumps(_drive(sys.argv[1])), flush=True)

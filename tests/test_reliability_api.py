@@ -138,7 +138,10 @@ def test_every_route_but_health_needs_the_key(app: Served) -> None:
     assert ("GET", "/health") in found and ("POST", "/throughput/v1/chat/completions") in found
     bodies = {"/chat/completions": {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]},
               "/completions": completion(), "/detokenize": {"tokens": [1, 415]},
-              "/tokenize": {"prompt": "Hi"}}  # most specific suffix first
+              "/tokenize": {"prompt": "Hi"}, "/load_lora_adapter": {"lora_name": "x", "lora_path": "/x"},
+              "/unload_lora_adapter": {"lora_name": "x"}}  # most specific suffix first
+    # With the key, the adapter routes answer this config's refusal: its tiers load no adapters at runtime.
+    refused = ("/load_lora_adapter", "/unload_lora_adapter")
     for method, path in found:
         body = next((b for suffix, b in bodies.items() if path.endswith(suffix)), None)
         outcomes = {}
@@ -150,6 +153,9 @@ def test_every_route_but_health_needs_the_key(app: Served) -> None:
             continue
         for label in ("none", "wrong"):
             assert_envelope(outcomes[label], 401, "authentication_error")
+        if path.endswith(refused):
+            assert outcomes["right"].json()["error"]["code"] == "runtime_loading_disabled", (path, outcomes["right"].text)
+            continue
         assert outcomes["right"].status_code == 200, (method, path, outcomes["right"].text)
 
 
