@@ -241,14 +241,17 @@ class LLMEngine:
             return failed
         self.check_ranks()
         computed_before = {id(s.seq): s.seq.num_computed_tokens for s in batch}
+        loads = self.lora_slots.take_loads() if self.lora_slots is not None else None
         try:
-            loads = self.lora_slots.take_loads() if self.lora_slots is not None else None
             result = self.runner.execute(batch, self._grammar_masks(batch), loads)
         except EngineDeadError:
             raise
         except Exception as err:
             # NOTE: a failed step wrote KV only for its own sequences; requests outside the batch
-            # keep their state and go on.
+            # keep their state and go on. Adapter slots it was to write are written by the next one.
+            if loads:
+                assert self.lora_slots is not None
+                self.lora_slots.retry(loads)
             raise StepFailedError(list(dict.fromkeys(s.seq.request_id for s in batch)), err) from err
         for item in batch:
             seq = item.seq

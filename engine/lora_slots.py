@@ -56,3 +56,7 @@ class SlotTable:
         """Slot writes the next step must do first."""
         loads, self._loads = self._loads, []
         return loads
+
+    def retry(self, loads: list[tuple[int, LoRARequest]]) -> None:
+        """Slot writes a failed step may not have done: the next step does them again."""
+        self._loads = loads + self._loads

@@ -15,7 +15,7 @@ from transformers import MixtralForCausalLM
 from engine import LLM, LoRARequest, SamplingParams
 from engine.checkpoint import PRESETS
 from engine.lora_adapter import write_random_adapter
-from engine.outputs import RequestError
+from engine.outputs import RequestError, StepFailedError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 PROMPTS = [[1, 415, 5565, 302, 4843, 349], [1, 22557, 28725, 586], [1] + list(range(300, 341))]
@@ -231,3 +231,29 @@ def test_adapters_are_read_off_the_step_loop_and_a_bad_one_fails_alone(base, ada
     assert tokens["base"] == expected[None][0] and tokens["tuned"] == expected["experts"][0]
     assert list(errors) == ["gone"] and "/nonexistent/adapter does not exist" in errors["gone"]
     assert eng.blocks.num_used_blocks == 0 and not any(eng.lora_slots.users.values())
+
+
+def test_a_step_that_fails_writing_a_slot_fails_its_requests_and_the_next_step_writes_it(
+        base, adapters, expected) -> None:
+    llm = engine(base, max_loras=1)
+    load, failed = llm.engine.runner.lora.load, []
+
+    def broken_once(slot, adapter):
+        if not failed:
+            failed.append(slot)
+            raise RuntimeError("injected fault while writing a slot")
+        load(slot, adapter)
+
+    llm.engine.runner.lora.load = broken_once
+    eng = llm.engine
+    eng.add_request("doomed", PROMPTS[0], GREEDY, lora=adapters["both"])
+    outputs = []
+    while eng.has_unfinished and not outputs:  # the adapter is read on its thread first
+        try:
+            eng.step()
+        except StepFailedError as err:  # the engine core fails the step's requests on this
+            outputs = eng.fail_requests(err.request_ids, str(err))
+    assert failed and outputs and "injected fault" in outputs[0].error
+    assert eng.blocks.num_used_blocks == 0
+    # The adapter's slot is written by the next step: the tokens are the adapter's own.
+    assert [r.token_ids for r in llm.generate(PROMPTS, GREEDY, lora_request=adapters["both"])] == expected["both"]
