@@ -16,7 +16,6 @@ replica set, their queue lengths, rejection and retries; the policy is the only 
 from __future__ import annotations
 
 import asyncio
-import logging
 import weakref
 from collections import Counter
 from typing import Any
@@ -32,8 +31,6 @@ from ray.serve.request_router import (
 from deployments import metrics as m
 from deployments.prefix_routing import PrefixIndex, block_hashes, choose, request_text
 from deployments.protocol import GenerateRequest
-
-log = logging.getLogger("ray.serve")
 
 
 # NOTE: no FIFOMixin: it hands a chosen replica to the oldest waiting request, not to the one it
