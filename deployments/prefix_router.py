@@ -5,9 +5,11 @@ replica keeps its own index of where it sent what (deployments/prefix_routing.py
 requests this router has in flight on each replica, counted as it routes them and as they complete.
 
 NOTE: not Serve's queue-length cache: it learns of a request only once it is sent, so a burst of
-requests routed together all saw the same stale loads and piled onto one replica. A request with a LoRA adapter first narrows the candidates to the
-replicas holding that adapter (Serve's model multiplexing), then prefers the prefix among them.
-Replicas that autoscaling adds start with no affinity; those that leave are dropped from the index.
+requests routed together all saw the same stale loads and piled onto one replica.
+
+A request with a LoRA adapter first narrows the candidates to the replicas holding that adapter
+(Serve's model multiplexing), then prefers the prefix among them. Replicas that autoscaling adds
+start with no affinity; those that leave are dropped from the index.
 
 NOTE: why Serve's router API rather than our own layer in the ingress: Serve already tracks the
 replica set, their queue lengths, rejection and retries; the policy is the only new part.
