@@ -203,6 +203,17 @@ def _drive(mode: str) -> dict[str, Any]:
             if time.monotonic() - t0 > 240:
                 raise TimeoutError("the app did not answer /health within 240 s of `serve deploy`")
             time.sleep(0.5)
+        # Every replica of the tier running, not only the first to answer /health, and the routers told.
+        want = 1 if mode == "tensor-parallel" else 2
+        while True:
+            status = yaml.safe_load(_cli([serve, "status", "-a", address], env, 60))
+            states = status["applications"]["mixtral"]["deployments"][TIER].get("replica_states") or {}
+            if states.get("RUNNING", 0) == want:
+                break
+            if time.monotonic() - t0 > 240:
+                raise TimeoutError(f"the tier's replicas are not all running 240 s after `serve deploy`: {states}")
+            time.sleep(1)
+        time.sleep(3)  # routers learn of new replicas by long-poll
         result["deploy_s"] = round(time.monotonic() - t0, 1)
         from ray.util.state import list_nodes
 
