@@ -55,22 +55,22 @@ def _app_args(model: Path | None, dtype: str, replicas: int, affinity: bool, cpu
     }
 
 
-def _requests_per_replica(metrics_url: str, expected: int) -> list[float]:
-    """Finished requests per replica, from Ray's metrics endpoint (waits for the last report)."""
-    pattern = re.compile(r'^ray_mixtral_request_success_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$', re.M)
+def series_by_label(metrics_url: str, name: str, label: str, want_total: float) -> dict[str, float]:
+    """A counter's values summed by one label, from Ray's metrics endpoint; waits (30 s at most) until
+    they add up to `want_total` (Ray reports every second or so)."""
+    pattern = re.compile(rf'^{name}\{{(?P<labels>[^}}]*)\}} (?P<value>\S+)$', re.M)
     deadline = time.monotonic() + 30
-    counts: dict[str, float] = {}
+    values: dict[str, float] = {}
     while time.monotonic() < deadline:
-        text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-        counts = {}
-        for match in pattern.finditer(text):
-            replica = re.search(r'replica="([^"]+)"', match["labels"])
-            if replica:
-                counts[replica[1]] = counts.get(replica[1], 0.0) + float(match["value"])
-        if sum(counts.values()) >= expected:
+        values = {}
+        for match in pattern.finditer(urllib.request.urlopen(metrics_url, timeout=10).read().decode()):
+            key = re.search(rf'{label}="([^"]+)"', match["labels"])
+            if key:
+                values[key[1]] = values.get(key[1], 0.0) + float(match["value"])
+        if sum(values.values()) >= want_total:
             break
         time.sleep(1)
-    return sorted(counts.values(), reverse=True)
+    return values
 
 
 def run_arm(name: str, args: argparse.Namespace, replicas: int, affinity: bool) -> ArmResult:
@@ -93,7 +93,9 @@ def run_arm(name: str, args: argparse.Namespace, replicas: int, affinity: bool) 
                              input_len=args.input_len, output_len=args.output_len, seed=args.seed,
                              progress=False)
         run = asyncio.run(run_benchmark(config)).runs[0]
-        per_replica = _requests_per_replica(f"http://127.0.0.1:{metrics_port}/metrics", run.successful)
+        finished = series_by_label(f"http://127.0.0.1:{metrics_port}/metrics", "ray_mixtral_request_success_total",
+                                   "replica", run.successful)
+        per_replica = sorted(finished.values(), reverse=True)
     finally:
         serve.shutdown()
         ray.shutdown()

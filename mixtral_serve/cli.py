@@ -149,24 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser("bench", help="speed benchmarks").add_subparsers(dest="bench", required=True)
-    p = bench.add_parser("engine", help="decode tokens/s and TTFT of the engine next to its peers")
-    engine_bench.add_arguments(p)
-    p.set_defaults(func=engine_bench.main)
-    p = bench.add_parser("serve", help="load-test an OpenAI-compatible server: latency, tokens/s, goodput")
-    serve_bench.add_arguments(p)
-    p.set_defaults(func=serve_bench.main)
-    p = bench.add_parser("serving-path", help="tokens/s and TTFT of each layer: engine, async engine, Serve, vLLM")
-    serving_path.add_arguments(p)
-    p.set_defaults(func=serving_path.main)
-    p = bench.add_parser("structured", help="decode tokens/s with every request JSON-schema constrained vs none")
-    structured_bench.add_arguments(p)
-    p.set_defaults(func=structured_bench.main)
-    p = bench.add_parser("lora", help="decode tokens/s with 0, 1, 4, 16 distinct LoRA adapters in the batch")
-    lora_bench.add_arguments(p)
-    p.set_defaults(func=lora_bench.main)
-    p = bench.add_parser("prefix-routing", help="multi-turn chat on two replicas: prefix-affinity vs Serve's router")
-    prefix_routing_bench.add_arguments(p)
-    p.set_defaults(func=prefix_routing_bench.main)
+    benchmarks = (
+        ("engine", engine_bench, "decode tokens/s and TTFT of the engine next to its peers"),
+        ("serve", serve_bench, "load-test an OpenAI-compatible server: latency, tokens/s, goodput"),
+        ("serving-path", serving_path, "tokens/s and TTFT of each layer: engine, async engine, Serve, vLLM"),
+        ("structured", structured_bench, "decode tokens/s with every request JSON-schema constrained vs none"),
+        ("lora", lora_bench, "decode tokens/s with 0, 1, 4, 16 distinct LoRA adapters in the batch"),
+        ("prefix-routing", prefix_routing_bench, "multi-turn chat on two replicas: prefix-affinity vs Serve's router"),
+    )
+    for name, module, text in benchmarks:
+        p = bench.add_parser(name, help=text)
+        module.add_arguments(p)
+        p.set_defaults(func=module.main)
 
     dashboard_commands.add_parser(sub)
     return parser

@@ -5,14 +5,12 @@ its replica's prefix cache, and the conversations spread over both replicas."""
 from __future__ import annotations
 
 import asyncio
-import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 
+from benchmarks.prefix_routing_bench import series_by_label
 from benchmarks.serve_bench import BenchConfig, run_benchmark
 
 ray = pytest.importorskip("ray")
@@ -44,22 +42,6 @@ def served(tiny_checkpoint: Path) -> Iterator[tuple[str, str]]:
         ray.shutdown()
 
 
-def _series(metrics_url: str, name: str, label: str, want_total: float) -> dict[str, float]:
-    pattern = re.compile(rf'^{name}\{{(?P<labels>[^}}]*)\}} (?P<value>\S+)$', re.M)
-    deadline = time.monotonic() + 30
-    values: dict[str, float] = {}
-    while time.monotonic() < deadline:
-        values = {}
-        for match in pattern.finditer(requests.get(metrics_url, timeout=10).text):
-            key = re.search(rf'{label}="([^"]+)"', match["labels"])
-            if key:
-                values[key[1]] = values.get(key[1], 0.0) + float(match["value"])
-        if sum(values.values()) >= want_total:
-            break
-        time.sleep(1)
-    return values
-
-
 def test_conversations_keep_their_replica_and_its_prefix_cache(served: tuple[str, str]) -> None:
     base, metrics = served
     config = BenchConfig(base_url=f"{base}/chat/v1", endpoint="chat", multi_turn=(CONVERSATIONS, TURNS),
@@ -74,7 +56,8 @@ def test_conversations_keep_their_replica_and_its_prefix_cache(served: tuple[str
             # The earlier turn's prompt (less its last partial 16-token block) was cached.
             assert now.cached_tokens >= before.input_tokens - 16, (c, turn, now.cached_tokens, before.input_tokens)
     assert run.prefix_cache_hit_rate is not None and run.prefix_cache_hit_rate > 0.6
-    per_replica = _series(metrics, "ray_mixtral_request_success_total", "replica", CONVERSATIONS * TURNS)
+    per_replica = series_by_label(metrics, "ray_mixtral_request_success_total", "replica", CONVERSATIONS * TURNS)
     assert len(per_replica) == 2 and min(per_replica.values()) >= TURNS, per_replica  # both replicas serve
-    decisions = _series(metrics, "ray_mixtral_prefix_routing_decisions_total", "decision", CONVERSATIONS * TURNS)
+    decisions = series_by_label(metrics, "ray_mixtral_prefix_routing_decisions_total", "decision",
+                                CONVERSATIONS * TURNS)
     assert decisions.get("affinity", 0) >= CONVERSATIONS * (TURNS - 1), decisions
