@@ -16,6 +16,8 @@ import json
 import re
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +75,10 @@ def series_by_label(metrics_url: str, name: str, label: str, want_total: float) 
     return values
 
 
-def run_arm(name: str, args: argparse.Namespace, replicas: int, affinity: bool) -> ArmResult:
+@contextmanager
+def served_locally(app_args: dict[str, Any], name: str) -> Iterator[tuple[str, str]]:
+    """The app on a local Ray node of its own with metrics reported every second: (HTTP base URL, Ray's
+    metrics URL); Serve and Ray are shut down on leaving."""
     import ray
     from ray import serve
 
@@ -85,20 +90,24 @@ def run_arm(name: str, args: argparse.Namespace, replicas: int, affinity: bool) 
              _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        serve.run(build_app(_app_args(args.model, args.dtype, replicas, affinity, args.cpu_threads)), name="bench",
-                  route_prefix="/")
-        config = BenchConfig(base_url=f"http://127.0.0.1:{http_port}/v1", tiers=[_TIER], endpoint="chat",
+        serve.run(build_app(app_args), name=name, route_prefix="/")
+        yield f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def run_arm(name: str, args: argparse.Namespace, replicas: int, affinity: bool) -> ArmResult:
+    app = _app_args(args.model, args.dtype, replicas, affinity, args.cpu_threads)
+    with served_locally(app, "bench") as (base, metrics):
+        config = BenchConfig(base_url=f"{base}/v1", tiers=[_TIER], endpoint="chat",
                              multi_turn=(args.conversations, args.turns), system_prompt_len=args.system_prompt_len,
                              think_time_s=args.think_time,
                              input_len=args.input_len, output_len=args.output_len, seed=args.seed,
                              progress=False)
         run = asyncio.run(run_benchmark(config)).runs[0]
-        finished = series_by_label(f"http://127.0.0.1:{metrics_port}/metrics", "ray_mixtral_request_success_total",
-                                   "replica", run.successful)
+        finished = series_by_label(metrics, "ray_mixtral_request_success_total", "replica", run.successful)
         per_replica = sorted(finished.values(), reverse=True)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     return ArmResult(arm=name, replicas=replicas, prefix_cache_hit_rate=run.prefix_cache_hit_rate,
                      ttft_p50_ms=run.ttft_ms.p50 if run.ttft_ms else None,
                      ttft_p99_ms=run.ttft_ms.p99 if run.ttft_ms else None,

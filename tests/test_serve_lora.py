@@ -16,13 +16,11 @@ import pytest
 import requests
 
 from engine import LLM, LoRARequest, SamplingParams
+from benchmarks.prefix_routing_bench import served_locally
 from engine.lora_adapter import write_random_adapter
 
 ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
-from reliability_support import free_port  # noqa: E402
 
-from deployments.app import build_app  # noqa: E402
 
 MODEL = "tiny"
 ENGINE = {"dtype": "float32", "max_model_len": 1024, "cache": {"kv_cache_bytes": "16MiB", "block_size": 8}}
@@ -64,16 +62,8 @@ def stack(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             "throughput": {"engine": ENGINE, "tuning": {"max_num_seqs": 8}, "deployment": {"num_cpus": 0.1}},
         },
     }
-    metrics_port, http_port = free_port(), free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        serve.run(build_app(args), name="lora", route_prefix="/")
-        yield Stack(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics", adapters)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with served_locally(args, "lora") as (base, metrics):
+        yield Stack(base, metrics, adapters)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.prefix_routing_bench import series_by_label
+from benchmarks.prefix_routing_bench import series_by_label, served_locally
 from benchmarks.serve_bench import BenchConfig, run_benchmark
 
 ray = pytest.importorskip("ray")
-from ray import serve  # noqa: E402
 
-from deployments.app import build_app  # noqa: E402
-from reliability_support import free_port  # noqa: E402
 
 CONVERSATIONS, TURNS = 6, 4
 
@@ -30,16 +27,8 @@ def served(tiny_checkpoint: Path) -> Iterator[tuple[str, str]]:
             "tiers": {"chat": {"engine": engine, "tuning": {"max_num_seqs": 16, "stream_flush_ms": 0},
                                "autoscaling": {"min_replicas": 2, "max_replicas": 2},
                                "deployment": {"num_cpus": 0.1}, "routing": {"block_chars": 64}}}}
-    http_port, metrics_port = free_port(), free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        serve.run(build_app(args), name="prefix", route_prefix="/")
-        yield f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with served_locally(args, "prefix") as urls:
+        yield urls
 
 
 def test_conversations_keep_their_replica_and_its_prefix_cache(served: tuple[str, str]) -> None:
