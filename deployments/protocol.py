@@ -21,10 +21,20 @@ class GenerateRequest:
     params: SamplingParams
     prompt: str | list[int] | None = None  # completions
     messages: list[dict[str, Any]] | None = None  # chat (OpenAI's message dicts): the engine's chat template
-    stream: bool = False  # False: the replica sends one chunk, at the end
+    reply_to: ChannelAddress | None = None  # streamed: chunks go to this router channel; None: one, at the end
     priority: int = 0  # lower runs first on a tier whose scheduler policy is "priority"
     tools: ToolUse | None = None  # chat with tools the model may (or must) call
     lora: LoRARequest | None = None  # the adapter `model` named
+
+
+@dataclass(frozen=True)
+class ChannelAddress:
+    """Where a router takes streamed chunks (deployments/stream_channel.py); a connection that does
+    not first present `token` is dropped."""
+
+    host: str
+    port: int
+    token: bytes
 
 
 @dataclass
@@ -65,6 +75,15 @@ class GenerateChunk:
     num_output_tokens: int  # all choices, so far
     num_cached_tokens: int
     queue_seconds: float | None  # arrival at the engine to first schedule
+
+
+@dataclass
+class Reply:
+    """A prompt's call result: its last chunk, or the error that ended it, after `sent` chunks over the
+    stream channel."""
+
+    last: GenerateChunk | ErrorInfo
+    sent: int
 
 
 @dataclass

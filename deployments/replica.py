@@ -23,11 +23,13 @@ from deployments.protocol import (
     ErrorInfo,
     GenerateChunk,
     GenerateRequest,
+    Reply,
     Tokenized,
     TokenizeJob,
     TokenLogprob,
 )
 from deployments.replica_metrics import ReplicaMetrics
+from deployments.stream_channel import ChannelClient
 from deployments.tp_workers import RayRankLauncher
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, SchedulerConfig
@@ -44,7 +46,6 @@ from engine.tokenizer import ChatTemplateError
 
 log = logging.getLogger("ray.serve")
 
-_END = object()  # end of an engine stream inside the coalescing queue
 # Serve's record of the adapters a replica holds (what its model multiplexing routes by): the most
 # recently used this many; the engine's own caches (`engine.lora`) decide what stays in memory.
 _ADAPTERS_PER_REPLICA = 16
@@ -68,10 +69,15 @@ class _ChunkState:
 
 async def _coalesce(batches: AsyncIterator[list[RequestOutput]],
                     interval_of: Callable[[], float]) -> AsyncIterator[list[RequestOutput]]:
-    """Groups engine outputs: the first at once, then whatever arrived within `interval_of()`
-    (asked again at each flush) of the previous flush (`inf`: everything at the end; `0`: whatever
-    arrived since the last read, so a stream that fell behind catches up in one chunk, not one
-    per step)."""
+    """Groups engine outputs: the first at once, then whatever arrived by the first step at least
+    `interval_of()` (asked again at each flush) after the previous flush, the last at once (`inf`:
+    everything at the end; `0`: whatever arrived since the last read, so a stream that fell behind
+    catches up in one chunk, not one per step).
+
+    NOTE: a flush waits for the engine's next step rather than a timer: a timed wait per stream and
+    step (a task each) cost a busy replica more CPU than the messages it saved. A running stream gets
+    a step every few milliseconds; one the engine stopped has nothing new to send.
+    """
     interval = interval_of()
     if interval == 0:
         async for batch in batches:
@@ -80,45 +86,18 @@ async def _coalesce(batches: AsyncIterator[list[RequestOutput]],
     if math.isinf(interval):
         yield [out async for batch in batches for out in batch]
         return
-    # NOTE: a pump task feeds a queue so waiting for the flush deadline only ever cancels a
-    # queue read; cancelling the engine's generator itself would abort the request.
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-
-    async def pump() -> None:
-        try:
-            async for batch in batches:
-                for out in batch:
-                    queue.put_nowait(out)
-            queue.put_nowait(_END)
-        except Exception as err:  # noqa: BLE001 - re-raised on the consumer's side
-            queue.put_nowait(err)
-
-    task = asyncio.create_task(pump())
     loop = asyncio.get_running_loop()
-    last_flush: float | None = None
-    try:
-        while True:
-            batch = [await queue.get()]
-            while not _final(batch[-1]) and not queue.empty():  # whatever is already there
-                batch.append(queue.get_nowait())
-            if last_flush is not None:  # not the first token: hold until the interval is over
-                interval = interval_of()
-                while not _final(batch[-1]) and (left := last_flush + interval - loop.time()) > 0:
-                    try:
-                        batch.append(await asyncio.wait_for(queue.get(), left))
-                    except asyncio.TimeoutError:
-                        break
-            if isinstance(batch[-1], Exception):
-                raise batch[-1]
-            outs = [item for item in batch if item is not _END]
-            if outs:
-                yield outs
-            if _final(batch[-1]):
-                return
-            last_flush = loop.time()
-    finally:
-        task.cancel()  # ends the engine stream (an abort unless it finished) before it is closed
-        await asyncio.gather(task, return_exceptions=True)
+    held: list[RequestOutput] = []
+    flush_at = -math.inf  # the first output goes at once
+    async for batch in batches:
+        held += batch
+        now = loop.time()
+        if held[-1].finished or now >= flush_at:
+            yield held
+            held = []
+            flush_at = now + interval_of()
+    if held:
+        yield held
 
 
 # NOTE: vLLM's floor for log(0): tokens that top-k / top-p / min-p filtered out have -inf, which
@@ -128,10 +107,6 @@ _MIN_LOGPROB = -9999.0
 
 def _finite(logprob: float) -> float:
     return max(_MIN_LOGPROB, logprob)
-
-
-def _final(item: Any) -> bool:
-    return item is _END or isinstance(item, Exception) or item.finished
 
 
 @serve.deployment
@@ -149,6 +124,7 @@ class ModelReplica:
         self.engine = AsyncEngine(config, launcher, placement)
         self.tokenizer = self.engine.tokenizer
         self.metrics = ReplicaMetrics(tier, self.engine.stats, metric_buckets)
+        self.channel = ChannelClient()  # streamed chunks to the routers
         self.engine_stall_s = engine_stall_s
         self.drain_timeout_s = drain_timeout_s
         self._draining = False
@@ -218,6 +194,8 @@ class ModelReplica:
             "kv_usage": stats.kv_usage,
             "kv_blocks_used": stats.kv_blocks_used,
             "last_step_seconds": stats.last_step_seconds,
+            "steps_total": stats.steps_total,
+            "stream_frames_sent": self.channel.frames_sent,  # what a step's streams cost the path
             "latency_fit": self.engine.latency_fit(),
         }
 
@@ -256,7 +234,26 @@ class ModelReplica:
         return name
 
     # ---- generation ------------------------------------------------------------------------
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk | ErrorInfo]:
+    async def generate(self, request: GenerateRequest) -> Reply:
+        """Runs one prompt: each chunk of new output goes to the router's stream channel as it is made
+        (`request.reply_to`; deployments/stream_channel.py); the last, or an `ErrorInfo`, is the result.
+        Cancelling the call aborts the request."""
+        sent = 0
+        last: GenerateChunk | ErrorInfo | None = None
+        if request.reply_to is not None:
+            await self.channel.connect(request.reply_to)
+        async with aclosing(self._chunks(request)) as chunks:
+            async for item in chunks:
+                if isinstance(item, ErrorInfo) or item.finished or request.reply_to is None:
+                    last = item
+                    continue
+                self.channel.send(request.reply_to, request.request_id, item)
+                sent += 1
+                await self.channel.writable(request.reply_to)
+        assert last is not None, "a request's chunks end with a finished chunk or an error"
+        return Reply(last, sent)
+
+    async def _chunks(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk | ErrorInfo]:
         """Chunks of new output until the request finishes; an `ErrorInfo` instead on failure."""
         if self._draining:
             yield ErrorInfo(503, "This replica is draining; retry the request.", type="service_unavailable_error",
@@ -289,7 +286,7 @@ class ModelReplica:
             params = params.model_copy(update={"structured_output": StructuredOutput(grammar=grammar)})
         self._waiting_first_token[request.request_id] = time.monotonic()
         self._active.add(request.request_id)
-        interval_of = self._flush_interval if request.stream else lambda: math.inf
+        interval_of = self._flush_interval if request.reply_to is not None else lambda: math.inf
         state = _ChunkState(params.logprobs is not None, tool_calls_id, bool(tools and tools.required)
                             and tool_calls_id is None)
         try:

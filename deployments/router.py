@@ -29,11 +29,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from starlette.types import Receive, Scope, Send
 
 from deployments.auth import ApiKeyGuard, ApiKeyMiddleware, AuthConfig
@@ -51,6 +52,7 @@ from deployments.openai_schemas import (
 )
 from deployments.protocol import ErrorInfo, GenerateChunk, GenerateRequest, TokenizeJob
 from deployments.router_metrics import MetricsMiddleware, RouterMetrics
+from deployments.stream_channel import ChannelLostError, ChannelServer, Relay
 from engine.lora_request import LoRARequest
 
 _PING_TIMEOUT_S = 5.0
@@ -104,8 +106,9 @@ def _unavailable() -> OpenAIError:
                        code="replica_unavailable")
 
 
-# A replica that died (killed, out of memory, node lost) under a request in flight.
-_REPLICA_GONE = (RayActorError, ActorUnavailableError)
+# A replica that died (killed, out of memory, node lost) under a request in flight, or the
+# connection its chunks came over.
+_REPLICA_GONE = (RayActorError, ActorUnavailableError, ChannelLostError)
 
 
 class _Stream(StreamingResponse):
@@ -122,45 +125,6 @@ class _Stream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._on_close()
-
-async def _merge(streams: list[DeploymentResponseGenerator]) -> AsyncIterator[tuple[int, Any]]:
-    """(prompt index, item) from every stream as items arrive."""
-    if len(streams) == 1:
-        async for item in streams[0]:
-            yield 0, item
-        return
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-    done = object()
-
-    async def pump(index: int, stream: DeploymentResponseGenerator) -> None:
-        try:
-            async for item in stream:
-                await queue.put((index, item))
-        except Exception as err:  # noqa: BLE001 - re-raised by the consumer
-            await queue.put((index, err))
-        await queue.put((index, done))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-def _cancel(streams: list[DeploymentResponseGenerator]) -> None:
-    """Stops replica work nobody will read (a no-op for streams already finished)."""
-    for stream in streams:
-        stream.cancel()
-
 
 @dataclass
 class RouterSettings:
@@ -187,6 +151,10 @@ class Router:
         self.guard = ApiKeyGuard(settings.auth.entries(), settings.default_tier)
         self.gates = {name: TierGate(name, settings.admission[name]) for name in tiers}
         self.metrics = RouterMetrics(tiers, settings.default_tier)
+        # Streamed chunks arrive here, not through the handle calls (deployments/stream_channel.py). The
+        # node's address, not loopback: replicas may run on other nodes.
+        self.channel = ChannelServer()
+        self._channel_host = ray.util.get_node_ip_address()
 
     # ---- routing helpers ------------------------------------------------------------------
     def _tier(self, tier: str | None) -> str:
@@ -331,8 +299,8 @@ class Router:
         sampling = body.sampling()
         prompts = body.prompts()
         response_id = f"cmpl-{uuid.uuid4().hex}"
-        requests = [GenerateRequest(f"{response_id}-{i}", sampling, prompt=p, stream=body.stream,
-                                    priority=body.priority, lora=lora) for i, p in enumerate(prompts)]
+        requests = [GenerateRequest(f"{response_id}-{i}", sampling, prompt=p, priority=body.priority, lora=lora)
+                    for i, p in enumerate(prompts)]
         builder = ResponseBuilder("completion", response_id, body.model or self.settings.served_model_name, body.n,
                                   len(prompts), body.logprobs is not None, body.include_usage)
         return await self._respond(name, self.gates[name].admit(), requests, builder, body.stream)
@@ -344,8 +312,8 @@ class Router:
         lora = await self._adapter(name, body.model)
         sampling = body.sampling()
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
-        requests = [GenerateRequest(response_id, sampling, messages=body.engine_messages(), stream=body.stream,
-                                    priority=body.priority, tools=body.tool_use(), lora=lora)]
+        requests = [GenerateRequest(response_id, sampling, messages=body.engine_messages(), priority=body.priority,
+                                    tools=body.tool_use(), lora=lora)]
         builder = ResponseBuilder("chat", response_id, body.model or self.settings.served_model_name, body.n, 1,
                                   body.logprobs, body.include_usage)
         return await self._respond(name, self.gates[name].admit(), requests, builder, body.stream)
@@ -358,33 +326,46 @@ class Router:
         deadline = asyncio.get_running_loop().time() + limit
         lora = requests[0].lora
         # Serve's model multiplexing: to a replica already holding the adapter where one can take the request.
-        handle = self.tiers[tier].options(stream=True, multiplexed_model_id=lora.name if lora else "")
-        streams: list[DeploymentResponseGenerator] = []
+        handle = self.tiers[tier].options(multiplexed_model_id=lora.name if lora else "")
+        relays: list[Relay] = []
 
         def close() -> None:
-            _cancel(streams)
+            for relay in relays:
+                relay.close()  # stops replica work nobody will read
             slot.release()
 
-        async def first_chunks() -> list[GenerateChunk]:
+        async def first_chunks(relay: Relay) -> list[GenerateChunk]:
             # The first chunk of each prompt arrives after its first step: errors found before
             # any work (bad parameters, too long) still get a proper status code, and the
             # replica's queue time is known for the headers.
-            firsts = [await anext(s) for s in streams]
-            for first in firsts:
-                if isinstance(first, ErrorInfo):
-                    raise OpenAIError.from_info(first)
-            return firsts
+            firsts: dict[int, GenerateChunk] = {}
+            later: list[tuple[int, GenerateChunk]] = []  # of prompts that started earlier: read again
+            while len(firsts) < len(requests):
+                index, chunk = await relay.next()
+                if isinstance(chunk, ErrorInfo):
+                    raise OpenAIError.from_info(chunk)
+                if index in firsts:
+                    later.append((index, chunk))
+                else:
+                    firsts[index] = chunk
+            relay.replay.extend(later)
+            return [firsts[i] for i in range(len(requests))]
 
         try:
-            streams.extend(handle.generate.remote(r) for r in requests)
-            firsts = await asyncio.wait_for(first_chunks(), limit)
+            if stream:
+                address = await self.channel.start(self._channel_host)
+                for request in requests:
+                    request.reply_to = address
+            calls: list[DeploymentResponse] = [handle.generate.remote(r) for r in requests]
+            relays.append(relay := Relay(self.channel, [r.request_id for r in requests], calls))
+            firsts = await asyncio.wait_for(first_chunks(relay), limit)
             queue = [f.queue_seconds for f in firsts if f.queue_seconds is not None]
             headers = {"x-tier": tier, "x-queue-ms": f"{max(queue, default=0.0) * 1000:.2f}"}
             if stream:
-                return _Stream(self._sse(builder, firsts, streams, deadline, limit), close,
+                return _Stream(self._sse(builder, firsts, relay, deadline, limit), close,
                                media_type="text/event-stream", headers=headers)
             left = deadline - asyncio.get_running_loop().time()
-            await asyncio.wait_for(self._collect(builder, firsts, streams), left)
+            await asyncio.wait_for(self._collect(builder, firsts, relay), left)
         except asyncio.TimeoutError:
             close()
             raise _timed_out(limit) from None
@@ -398,26 +379,28 @@ class Router:
         return JSONResponse(builder.response(), headers=headers)
 
     @staticmethod
-    async def _collect(builder: ResponseBuilder, firsts: list[GenerateChunk],
-                       streams: list[DeploymentResponseGenerator]) -> None:
-        for index, (first, rest) in enumerate(zip(firsts, streams)):
+    async def _collect(builder: ResponseBuilder, firsts: list[GenerateChunk], relay: Relay) -> None:
+        for index, first in enumerate(firsts):
             builder.add(index, first)
-            async for chunk in rest:
-                if isinstance(chunk, ErrorInfo):
-                    raise OpenAIError.from_info(chunk)
-                builder.add(index, chunk)
+        while True:
+            try:
+                index, chunk = await relay.next()
+            except StopAsyncIteration:
+                return
+            if isinstance(chunk, ErrorInfo):
+                raise OpenAIError.from_info(chunk)
+            builder.add(index, chunk)
 
-    async def _sse(self, builder: ResponseBuilder, firsts: list[GenerateChunk],
-                   streams: list[DeploymentResponseGenerator], deadline: float, limit: float) -> AsyncIterator[str]:
+    async def _sse(self, builder: ResponseBuilder, firsts: list[GenerateChunk], relay: Relay, deadline: float,
+                   limit: float) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
-        merged = _merge(streams)
         try:
             for index, first in enumerate(firsts):
                 if (payload := builder.stream_chunk(index, first)) is not None:
                     yield sse(payload)
             while True:
                 try:
-                    index, chunk = await asyncio.wait_for(anext(merged), deadline - loop.time())
+                    index, chunk = await asyncio.wait_for(relay.next(), deadline - loop.time())
                 except StopAsyncIteration:
                     if builder.include_usage:
                         yield sse(builder.usage_chunk())
@@ -436,6 +419,5 @@ class Router:
             log.exception("stream failed")
             yield sse(internal_error().body())
         finally:
-            await merged.aclose()
-            _cancel(streams)
+            relay.close()
         yield sse("[DONE]")

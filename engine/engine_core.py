@@ -205,8 +205,10 @@ class ProcessCore:
             config = config.model_copy(update={"model": str(default_model_dir())})
         self.tokenizer = Tokenizer.from_dir(config.model, config.chat_template)  # the front encodes prompts
         ours, theirs = socket.socketpair()
-        # The child imports what this process imports, wherever that comes from.
-        env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        # The child imports what this process imports, wherever that comes from. OpenMP reads its wait
+        # policy once, at start: only a process of our own can take `cpu_wait`.
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+                            "OMP_WAIT_POLICY": "PASSIVE" if config.cpu_wait == "sleep" else "ACTIVE"}
         self._proc = subprocess.Popen([sys.executable, "-m", "engine.engine_core", str(theirs.fileno())],
                                       pass_fds=(theirs.fileno(),), env=env)
         theirs.close()

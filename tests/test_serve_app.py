@@ -348,6 +348,37 @@ def test_reconfigure_without_restart(app: App) -> None:
     assert app.stats("latency")["replica_id"] == before["replica_id"]
 
 
+def test_streamed_chunks_cost_a_frame_per_step_not_per_stream(app: App) -> None:
+    """Keeps the serving path's per-token work from coming back, without timing: sixteen streams whose
+    every step is sent at once (no flush interval) reach the router in one channel frame per replica
+    step, whatever the number of streams (not a Ray message per stream and token)."""
+    streams, tokens = 16, 24
+    original = app.tuning("throughput")
+    app.retune("throughput", stream_flush_ms=0, stream_max_messages_per_s=None)
+    try:
+        before = app.stats("throughput")
+
+        async def run() -> list[int]:
+            async with app.async_openai("throughput") as client:
+                async def one(i: int) -> int:
+                    stream = await client.completions.create(model=MODEL, prompt=f"Stream {i}", max_tokens=tokens,
+                                                             stream=True, extra_body={"ignore_eos": True})
+                    return len([chunk async for chunk in stream])
+
+                return await asyncio.gather(*(one(i) for i in range(streams)))
+
+        chunks = asyncio.run(run())
+        after = app.stats("throughput")
+    finally:
+        app.retune("throughput", **original)
+    frames = after["stream_frames_sent"] - before["stream_frames_sent"]
+    steps = after["steps_total"] - before["steps_total"]
+    assert after["replica_id"] == before["replica_id"]
+    assert sum(chunks) >= streams * tokens // 2, chunks  # most steps streamed on their own
+    assert 1 <= frames <= steps + streams, (frames, steps)
+    assert sum(chunks) >= 4 * frames, (sum(chunks), frames)  # a frame carries many streams' chunks
+
+
 # ---- autoscaling ------------------------------------------------------------------------------
 def test_autoscaling_follows_queue_depth(app: App) -> None:
     trace: list[tuple[float, dict[str, int]]] = []
