@@ -232,6 +232,8 @@ class ChannelClient:
         """Opens the connection to `address` unless one is open (call before the first `send`)."""
         if (conn := self._connections.get(address)) is not None and not conn.transport.is_closing():
             return
+        # Connections to routers that are gone (replaced, scaled down) are forgotten here.
+        self._connections = {a: c for a, c in self._connections.items() if not c.transport.is_closing()}
         if (pending := self._connecting.get(address)) is not None:
             await asyncio.shield(pending)
             return
