@@ -327,10 +327,10 @@ class Router:
         lora = requests[0].lora
         # Serve's model multiplexing: to a replica already holding the adapter where one can take the request.
         handle = self.tiers[tier].options(multiplexed_model_id=lora.name if lora else "")
-        relays: list[Relay] = []
+        relay: Relay | None = None
 
         def close() -> None:
-            for relay in relays:
+            if relay is not None:
                 relay.close()  # stops replica work nobody will read
             slot.release()
 
@@ -357,7 +357,7 @@ class Router:
                 for request in requests:
                     request.reply_to = address
             calls: list[DeploymentResponse] = [handle.generate.remote(r) for r in requests]
-            relays.append(relay := Relay(self.channel, [r.request_id for r in requests], calls))
+            relay = Relay(self.channel, [r.request_id for r in requests], calls)
             firsts = await asyncio.wait_for(first_chunks(relay), limit)
             queue = [f.queue_seconds for f in firsts if f.queue_seconds is not None]
             headers = {"x-tier": tier, "x-queue-ms": f"{max(queue, default=0.0) * 1000:.2f}"}
