@@ -13,7 +13,9 @@ One after another, on the same checkpoint and the same engine settings (the `--t
 
 Both servers are driven by the same streaming client as `bench serve` (benchmarks/serve_load.py):
 `streams` closed-loop users, `--rounds` requests each, greedy, exact output lengths. Reported per
-level: total and per-stream tokens/s, TTFT p50/p99, and each path's share of engine-sync.
+level: total and per-stream tokens/s, TTFT p50/p99, and each path's share of engine-sync; for the
+servers also the CPU each process group used meanwhile (engine core, replicas, router, Serve's
+proxy and controller, Ray's daemons, the client: benchmarks/process_cpu.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import yaml
 from pydantic import BaseModel
 
 import configs
+from benchmarks.process_cpu import ProcessCpu
 from benchmarks.serve_bench import BenchConfig, run_benchmark
 
 _BIN = Path(sys.executable).parent  # Ray's `serve` and `ray` commands, installed beside this python
@@ -49,6 +52,8 @@ class PathResult(BaseModel):
     ttft_p50_ms: float | None = None
     ttft_p99_ms: float | None = None
     itl_p99_ms: float | None = None
+    # Servers: % of one core each process group used while the level ran (benchmarks/process_cpu.py).
+    cpu_share: dict[str, float] = {}
 
 
 # ---- engine, in this process ---------------------------------------------------------------------
@@ -159,13 +164,14 @@ def _drive(path: str, base_url: str, tier: str | None, levels: list[int], args: 
         config = BenchConfig(base_url=base_url, tiers=[tier] if tier else [], concurrency=n,
                              num_requests=n * args.rounds, warmup=n, input_len=args.input_len,
                              output_len=args.output_len, progress=False)
-        run = asyncio.run(run_benchmark(config)).runs[0]
+        with ProcessCpu() as cpu:
+            run = asyncio.run(run_benchmark(config)).runs[0]
         if run.failed or run.rejected:
             print(f"{path} at {n} streams: {run.failed} failed, {run.rejected} rejected: {run.errors}", file=sys.stderr)
         rows.append(PathResult(
             path=path, streams=n, total_tok_s=run.output_tok_s, per_stream_tok_s=run.per_session_tok_s or 0.0,
             ttft_p50_ms=run.ttft_ms.p50 if run.ttft_ms else None, ttft_p99_ms=run.ttft_ms.p99 if run.ttft_ms else None,
-            itl_p99_ms=run.itl_ms.p99 if run.itl_ms else None,
+            itl_p99_ms=run.itl_ms.p99 if run.itl_ms else None, cpu_share=cpu.shares,
         ))
     return rows
 
@@ -226,7 +232,18 @@ def print_table(rows: list[PathResult]) -> None:
         ratio = f"{r.total_tok_s / sync[r.streams]:.2f}" if r.streams in sync else "-"
         table.add_row(r.path, str(r.streams), f"{r.total_tok_s:,.0f}", f"{r.per_stream_tok_s:,.0f}", ratio,
                       ms(r.ttft_p50_ms), ms(r.ttft_p99_ms), ms(r.itl_p99_ms))
-    Console(width=max(Console().width, 110)).print(table)
+    console = Console(width=max(Console().width, 110))
+    console.print(table)
+    served = [r for r in rows if r.cpu_share]
+    if served:
+        cpu = Table(title="where the host's CPU went, % of one core per process group (the servers' runs)")
+        cpu.add_column("path")
+        cpu.add_column("streams", justify="right")
+        cpu.add_column("process groups, most first")
+        for r in served:
+            shares = ", ".join(f"{name} {share:.0f}%" for name, share in r.cpu_share.items() if share >= 1)
+            cpu.add_row(r.path, str(r.streams), shares)
+        console.print(cpu)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
