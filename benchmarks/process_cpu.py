@@ -83,8 +83,7 @@ class ProcessCpu:
         def group(pid: int) -> str:
             if pid not in labels:
                 cmdline, ppid, _ = after[pid]
-                # An engine core is named after the replica that started it (the tier).
-                parent = group(ppid) if "engine.engine_core" in cmdline and ppid in after else None
+                parent = group(ppid) if ppid in after and ppid != pid else None  # `label` decides if it matters
                 labels[pid] = label(cmdline, parent, me, pid)
             return labels[pid]
 
