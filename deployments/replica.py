@@ -1,17 +1,17 @@
 """The model replica: one deployment class, one instance per configured tier, each owning one engine.
 
 It speaks `deployments.protocol` to the router, reports its engine queue to the autoscaler,
-takes live scheduler knobs through `reconfigure()` and coalesces streamed deltas per the
-tier's flush interval. Tensors never leave it; it never imports torch itself.
+takes live scheduler knobs through `reconfigure()` (the tier's flush interval among them: the
+engine core hands a stream's deltas over in that rhythm) and turns them into chunks. Tensors
+never leave it; it never imports torch itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -67,39 +67,6 @@ class _ChunkState:
         self.all_tool_text = all_tool_text
 
 
-async def _coalesce(batches: AsyncIterator[list[RequestOutput]],
-                    interval_of: Callable[[], float]) -> AsyncIterator[list[RequestOutput]]:
-    """Groups engine outputs: the first at once, then whatever arrived by the first step at least
-    `interval_of()` (asked again at each flush) after the previous flush, the last at once (`inf`:
-    everything at the end; `0`: whatever arrived since the last read, so a stream that fell behind
-    catches up in one chunk, not one per step).
-
-    NOTE: a flush waits for the engine's next step rather than a timer: a timed wait per stream and
-    step (a task each) cost a busy replica more CPU than the messages it saved. A running stream gets
-    a step every few milliseconds; one the engine stopped has nothing new to send.
-    """
-    interval = interval_of()
-    if interval == 0:
-        async for batch in batches:
-            yield batch
-        return
-    if math.isinf(interval):
-        yield [out async for batch in batches for out in batch]
-        return
-    loop = asyncio.get_running_loop()
-    held: list[RequestOutput] = []
-    flush_at = -math.inf  # the first output goes at once
-    async for batch in batches:
-        held += batch
-        now = loop.time()
-        if held[-1].finished or now >= flush_at:
-            yield held
-            held = []
-            flush_at = now + interval_of()
-    if held:
-        yield held
-
-
 # NOTE: vLLM's floor for log(0): tokens that top-k / top-p / min-p filtered out have -inf, which
 # JSON cannot carry (found by the Schemathesis test: a 500 from the response encoder).
 _MIN_LOGPROB = -9999.0
@@ -141,7 +108,7 @@ class ModelReplica:
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Live tuning: the engine applies new scheduler knobs between two steps."""
         tuning = SchedulerConfig.model_validate(user_config)
-        self.engine.start()  # on the replica's event loop, so the knobs apply now, not at the first request
+        await self.engine.start()  # on the replica's event loop, so the knobs apply now, not at the first request
         self.engine.reconfigure(tuning)
         log.info("tier %s reconfigured: %s", self.tier, tuning.model_dump())
 
@@ -286,16 +253,15 @@ class ModelReplica:
             params = params.model_copy(update={"structured_output": StructuredOutput(grammar=grammar)})
         self._waiting_first_token[request.request_id] = time.monotonic()
         self._active.add(request.request_id)
-        interval_of = self._flush_interval if request.reply_to is not None else lambda: math.inf
         state = _ChunkState(params.logprobs is not None, tool_calls_id, bool(tools and tools.required)
                             and tool_calls_id is None)
         try:
             # Closing the engine's stream (finished, failed or the client left) aborts the request.
             async with aclosing(self.metrics.track(self.engine.stream(
                 request.request_id, prompt, params, request.priority, continuation=request.messages is None,
-                lora=request.lora,
+                lora=request.lora, whole=request.reply_to is None,
             ), params.n, request.lora and request.lora.name)) as outputs:
-                async for batch in _coalesce(outputs, interval_of):
+                async for batch in outputs:
                     self._waiting_first_token.pop(request.request_id, None)
                     yield self._chunk(batch, state)
         except RequestError as err:
@@ -310,15 +276,6 @@ class ModelReplica:
         finally:
             self._waiting_first_token.pop(request.request_id, None)
             self._active.discard(request.request_id)
-
-    def _flush_interval(self) -> float:
-        """Seconds a stream holds its outputs: the tier's flush interval, widened so that all of
-        this replica's streams together stay under the tier's message cap."""
-        tuning = self.engine.tuning
-        interval = tuning.stream_flush_ms / 1000
-        if tuning.stream_max_messages_per_s is not None:
-            interval = max(interval, len(self._active) / tuning.stream_max_messages_per_s)
-        return interval
 
     def _chunk(self, batch: list[RequestOutput], state: _ChunkState) -> GenerateChunk:
         choices: dict[int, ChoiceChunk] = {}

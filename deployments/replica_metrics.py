@@ -89,22 +89,24 @@ class ReplicaMetrics:
         try:
             async with aclosing(batches):
                 async for batch in batches:
-                    now = time.monotonic()
                     for out in batch:
+                        # NOTE: when the engine made it, not when it arrived here: a stream's outputs
+                        # are handed over several steps at a time (its flush interval).
+                        made = out.produced_at
                         if last is None:
-                            pending[m.TTFT].append(now - arrival)
+                            pending[m.TTFT].append(made - arrival)
                             if out.queue_time is not None:
                                 pending[m.QUEUE_TIME].append(out.queue_time)
                         else:
-                            pending[m.ITL].append(now - last)  # 0 for outputs that arrived together
-                        last = now
+                            pending[m.ITL].append(made - last)
+                        last = made
                         for choice in out.choices:
                             if choice.finish_reason is not None:
                                 self._finished[choice.finish_reason] += 1
                                 unfinished -= 1
                         generated = out.num_output_tokens
                         if out.finished:
-                            pending[m.E2E].append(now - arrival)
+                            pending[m.E2E].append(made - arrival)
                             pending[m.REQUEST_PROMPT_TOKENS].append(out.num_prompt_tokens)
                             pending[m.REQUEST_GENERATION_TOKENS].append(out.num_output_tokens)
                     yield batch

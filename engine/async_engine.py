@@ -2,10 +2,11 @@
 
 NOTE: the core (engine/engine_core.py) steps back to back while there is work, in its own
 process or on a thread, so the event loop (a Ray Serve replica's, or any asyncio server's)
-keeps answering while the model computes and never paces the engine. Each step's outputs come
-back to the event loop in one hand-off, whatever the number of streams; a stream whose reader
-fell behind finds every output that arrived meanwhile in one read (`stream()`), so a slow
-consumer costs one wake-up per read, not one per step. Prompts are encoded and checked here,
+keeps answering while the model computes and never paces the engine. A step's outputs come back
+to the event loop in one hand-off, whatever the number of streams, and only once some stream's
+flush interval is up (the core holds them till then); a stream whose reader fell behind finds
+every output that arrived meanwhile in one read (`stream()`), so a slow consumer costs one
+wake-up per read, not one per step. Prompts are encoded and checked here,
 before they reach the core.
 """
 
@@ -81,6 +82,7 @@ class AsyncEngine:
         self._latency_fit: dict[str, float] | None = None
         self.last_step_end = time.monotonic()  # the health probe checks the loop keeps moving
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._started: asyncio.Future[None] | None = None  # the core's start, awaited by every caller
         self._streams: dict[str, _Stream] = {}
         self._dead: BaseException | None = None
 
@@ -95,13 +97,14 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._loop is not None and self._dead is None and self.core.alive()
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Starts the core's step loop, delivering to the running event loop (idempotent)."""
         if self._dead is not None:
             raise EngineDeadError(f"engine loop died: {self._dead!r}")
-        if self._loop is None:
+        if self._started is None:
             self._loop = loop = asyncio.get_running_loop()
-            self.core.start(loop, self._deliver, self._die)
+            self._started = asyncio.ensure_future(self.core.start(loop, self._deliver, self._die))
+        await asyncio.shield(self._started)  # a caller cancelled meanwhile must not cancel it for the others
 
     async def stream(
         self,
@@ -111,21 +114,23 @@ class AsyncEngine:
         priority: int = 0,
         continuation: bool = True,
         lora: LoRARequest | None = None,
+        whole: bool = False,
     ) -> AsyncIterator[list[RequestOutput]]:
         """Yields every `RequestOutput` that arrived since the previous read (one per step that
-        produced tokens, in order; the last with `finished`).
+        produced tokens, in order; the last with `finished`). The first arrives at once, later ones
+        every `stream_flush_ms` (engine/output_hold.py); `whole`: all of them in one read at the end.
 
         Leaving the loop early (client gone, task cancelled) aborts the request.
         Raises `RequestError` before any work when the request can never complete.
         """
-        self.start()
+        await self.start()
         prompt_ids = self.tokenizer.encode(prompt, add_bos=True) if isinstance(prompt, str) else list(prompt)
         self.validate(prompt_ids, params)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = _Stream()
         self._streams[request_id] = stream
-        self.core.send(AddRequest(request_id, prompt_ids, params, priority, continuation, lora))
+        self.core.send(AddRequest(request_id, prompt_ids, params, priority, continuation, lora, whole))
         finished = False
         try:
             while not finished:

@@ -45,8 +45,9 @@ class SchedulerConfig(_Strict):
     # Requests still without a first token after this long count as TTFT breaches
     # (`AsyncEngine.ttft_breaches`); a server can scale out on them.
     ttft_target_ms: float | None = Field(None, gt=0)
-    # Streamed outputs of a request are held back and delivered together for up to this long
-    # (the first token always at once): fewer, larger messages for throughput. 0 = every step.
+    # Streamed outputs of a request are held in the engine core and handed over together at the first
+    # step this long after the previous hand-off (the first and last at once; engine/output_hold.py):
+    # fewer, larger messages and fewer wake-ups of the server for throughput. 0 = every step.
     stream_flush_ms: float = Field(0.0, ge=0.0, le=1000.0)
     # A cap on the streamed messages per second across all of an engine's streams: each stream's
     # flush interval widens to (streams / cap) when that is longer than stream_flush_ms. Every

@@ -4,7 +4,8 @@
     ProcessCore  as the main thread of a process of its own (`EngineConfig.core_process`)
 
 Both take commands (a request to add, a request id to abort, new scheduler knobs) between steps
-and hand each step's outputs back in one `StepReport`, whatever the number of streams.
+and hand a step's outputs back in one `StepReport`, whatever the number of streams, or none when
+every stream's outputs are held for its flush interval (engine/output_hold.py).
 
 NOTE: the process is the default because a step runs slower on any thread but a process's main
 one (PyTorch's and our kernels' OpenMP regions: ~1.3-1.5x the time of the same matmul on a
@@ -35,9 +36,11 @@ import torch
 
 from engine.checkpoint import default_model_dir
 from engine.config import EngineConfig, LoRAConfig, SchedulerConfig
+from engine.core_socket import CoreSocket
 from engine.llm_engine import LLMEngine
 from engine.lora_request import LoRARequest
 from engine.model_config import ModelConfig
+from engine.output_hold import OutputHold, flush_interval
 from engine.outputs import EngineDeadError, EngineStats, RequestOutput, StepFailedError
 from engine.ranks import RankPlacement, WorkerLauncher
 from engine.request_limits import RequestLimits
@@ -57,6 +60,7 @@ class AddRequest:
     priority: int
     continuation: bool
     lora: LoRARequest | None = None
+    whole: bool = False  # every output in one delivery when the request ends (engine/output_hold.py)
 
 
 Command = AddRequest | str | SchedulerConfig  # a str aborts that request id
@@ -93,6 +97,7 @@ class CoreLoop:
     """Applies commands and steps; runs wherever the core runs."""
 
     engine: LLMEngine
+    hold: OutputHold = field(default_factory=OutputHold)
     _last_fit: float = field(default=0.0)
 
     def info(self) -> CoreInfo:
@@ -108,14 +113,19 @@ class CoreLoop:
                 self.engine.reconfigure(cmd)
                 tuning = cmd
             elif isinstance(cmd, str):
-                if (aborted := self.engine.abort_request(cmd)) is not None:
-                    delivered.append((cmd, aborted))  # ends the stream of an `abort()` caller
+                aborted = self.engine.abort_request(cmd)
+                held = self.hold.release(cmd)
+                if aborted is not None:  # ends the stream of an `abort()` caller
+                    delivered.extend((cmd, out) for out in [*held, aborted])
             else:
                 try:
                     self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.priority, cmd.continuation,
                                             cmd.lora)
                 except Exception as err:  # noqa: BLE001 - reported to that request's caller
                     delivered.append((cmd.request_id, err))
+                    continue
+                if cmd.whole:
+                    self.hold.hold_whole(cmd.request_id)
         try:
             outputs = self.engine.step() if self.engine.has_unfinished else []
         except EngineDeadError:
@@ -127,8 +137,9 @@ class CoreLoop:
             log.exception("engine step failed outside the model; failing every request")
             outputs = self.engine.fail_requests(list(self.engine.requests),
                                                 f"engine step failed: {type(err).__name__}: {err}")
-        delivered.extend((out.request_id, out) for out in outputs)
         now = time.monotonic()
+        interval = flush_interval(self.engine.config.scheduler, len(self.engine.requests))
+        delivered.extend((out.request_id, out) for out in self.hold.take(outputs, now, interval))
         report = StepReport(delivered, self.engine.stats(), now, tuning)
         if tuning is not None or now - self._last_fit > _FIT_INTERVAL_S:
             report.latency_fit, report.has_fit, self._last_fit = self.engine.latency_fit(), True, now
@@ -150,7 +161,7 @@ class ThreadCore:
         self._stopping = False
         self._thread: threading.Thread | None = None
 
-    def start(self, loop: asyncio.AbstractEventLoop, deliver: Deliver, die: Die) -> None:
+    async def start(self, loop: asyncio.AbstractEventLoop, deliver: Deliver, die: Die) -> None:
         self._thread = threading.Thread(target=self._run, args=(loop, deliver, die), name="engine-step", daemon=True)
         self._thread.start()
 
@@ -197,14 +208,15 @@ class ThreadCore:
 # ---- the engine core process ---------------------------------------------------------------------
 class ProcessCore:
     """Starts `python -m engine.engine_core FD` with one end of a socket pair; messages are
-    pickled both ways (`multiprocessing.connection` framing). The child's stdout and stderr are
-    the caller's (a Serve replica's log)."""
+    pickled both ways (`multiprocessing.connection` framing; the front's end is an asyncio
+    transport once started, engine/core_socket.py). The child's stdout and stderr are the
+    caller's (a Serve replica's log)."""
 
     def __init__(self, config: EngineConfig) -> None:
         if config.model is None:  # resolved here, so the front and the core read the same folder
             config = config.model_copy(update={"model": str(default_model_dir())})
         self.tokenizer = Tokenizer.from_dir(config.model, config.chat_template)  # the front encodes prompts
-        ours, theirs = socket.socketpair()
+        self._sock, theirs = socket.socketpair()
         # The child imports what this process imports, wherever that comes from. OpenMP reads its wait
         # policy once, at start: only a process of our own can take `cpu_wait`.
         env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
@@ -212,30 +224,41 @@ class ProcessCore:
         self._proc = subprocess.Popen([sys.executable, "-m", "engine.engine_core", str(theirs.fileno())],
                                       pass_fds=(theirs.fileno(),), env=env)
         theirs.close()
-        self._conn = Connection(ours.detach())
-        self._conn.send(config)
-        try:
-            reply = self._conn.recv()
-        except EOFError:
-            raise EngineDeadError(f"the engine process exited while loading (code {self._proc.wait()})") from None
+        with Connection(os.dup(self._sock.fileno())) as conn:  # blocking, for the load
+            conn.send(config)
+            try:
+                reply = conn.recv()
+            except EOFError:
+                reply = EngineDeadError(f"the engine process exited while loading (code {self._proc.wait()})")
         if isinstance(reply, BaseException):
+            self._sock.close()
             self._proc.wait()
             raise reply
         self.info: CoreInfo = reply
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._socket: CoreSocket | None = None
+        self._unsent: list[Command] = []  # sent before start()
 
-    def start(self, loop: asyncio.AbstractEventLoop, deliver: Deliver, die: Die) -> None:
-        # NOTE: read on the event loop itself, not a reader thread: one wake-up per report, no
-        # second thread contending for the GIL. A report is small (a few KiB) and sent whole, so
-        # a read that starts never waits long for the rest.
-        self._loop = loop
-        loop.add_reader(self._conn.fileno(), self._read, deliver, die)
+    async def start(self, loop: asyncio.AbstractEventLoop, deliver: Deliver, die: Die) -> None:
+        def on_message(report: StepReport | BaseException) -> None:
+            if isinstance(report, BaseException):
+                self._close()
+                die(report)
+            else:
+                deliver(report)
+
+        def on_lost(err: Exception | None) -> None:
+            die(EngineDeadError(f"the engine process ended (exit code {self._proc.poll()}; {err!r})"))
+
+        self._socket = await CoreSocket.open(self._sock, on_message, on_lost)
+        for command in self._unsent:
+            self._socket.send(command)
+        self._unsent.clear()
 
     def send(self, command: Command) -> None:
-        try:
-            self._conn.send(command)
-        except OSError as err:  # the process is gone: reading its socket reports that
-            log.debug("engine process unreachable: %s", err)
+        if self._socket is None:
+            self._unsent.append(command)
+        else:
+            self._socket.send(command)
 
     def alive(self) -> bool:
         return self._proc.poll() is None
@@ -244,33 +267,20 @@ class ProcessCore:
         """The core checks its own ranks each step, and exits when one is lost."""
 
     async def aclose(self) -> None:
-        self._stop_reading()
-        if self.alive():
-            self.send(SHUTDOWN)
-            try:
-                await asyncio.to_thread(self._proc.wait, 30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                await asyncio.to_thread(self._proc.wait)
-        self._conn.close()
-
-    def _stop_reading(self) -> None:
-        if self._loop is not None:
-            self._loop.remove_reader(self._conn.fileno())
-            self._loop = None
-
-    def _read(self, deliver: Deliver, die: Die) -> None:
+        if self.alive() and self._socket is not None:
+            self._socket.send(SHUTDOWN)
+        self._close()  # after what was sent is written: the process stops at SHUTDOWN or at the end
         try:
-            while self._conn.poll():
-                report = self._conn.recv()
-                if isinstance(report, BaseException):
-                    self._stop_reading()
-                    die(report)
-                    return
-                deliver(report)
-        except (EOFError, OSError):
-            self._stop_reading()
-            die(EngineDeadError(f"the engine process ended (exit code {self._proc.poll()})"))
+            await asyncio.to_thread(self._proc.wait, 30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            await asyncio.to_thread(self._proc.wait)
+
+    def _close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+        else:
+            self._sock.close()
 
 
 def serve(conn: Connection) -> None:

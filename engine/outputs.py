@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from engine.sequence import FinishReason, TokenLogprob
@@ -62,10 +63,14 @@ class RequestOutput:
     num_output_tokens: int  # all choices, so far
     queue_time: float | None = None  # seconds from arrival to first schedule
     error: str | None = None  # set when the engine failed this request
+    # time.monotonic() when the engine made it (one clock for every process of the host): a reader
+    # handed several steps' outputs at once still sees when each token came.
+    produced_at: float = field(default_factory=time.monotonic)
 
     def __reduce__(self) -> tuple[type, tuple]:
         return RequestOutput, (self.request_id, self.choices, self.finished, self.num_prompt_tokens,
-                               self.num_cached_tokens, self.num_output_tokens, self.queue_time, self.error)
+                               self.num_cached_tokens, self.num_output_tokens, self.queue_time, self.error,
+                               self.produced_at)
 
 
 @dataclass

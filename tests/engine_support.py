@@ -4,11 +4,14 @@ step with every delta collected, and the checks that nothing is left behind."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from engine.async_engine import AsyncEngine
 from engine.checkpoint import PRESETS
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -123,3 +126,15 @@ def assert_idle(engine: LLMEngine) -> None:
     assert not engine.has_unfinished
 
 
+def count_handoffs(engine: AsyncEngine) -> Callable[[], int]:
+    """Counts the reports the engine core hands the event loop from now on (each a wake-up of the front)."""
+    count = 0
+    deliver = engine._deliver
+
+    def counted(report: Any) -> None:
+        nonlocal count
+        count += 1
+        deliver(report)
+
+    engine._deliver = counted  # type: ignore[method-assign]
+    return lambda: count

@@ -14,7 +14,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 import torch
@@ -28,6 +28,7 @@ from engine.model_runner import StepOutput, kv_bytes_per_block
 from engine.outputs import ChoiceDelta, EngineDeadError, RequestError, RequestFailedError, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq
+from tests.engine_support import count_handoffs
 
 TINY = PRESETS["tiny"]
 T = TypeVar("T")
@@ -447,15 +448,7 @@ def test_work_per_step_not_per_token(ckpt: Path, core_process: bool) -> None:
 
     async def main() -> None:
         engine = AsyncEngine(config(ckpt, max_num_seqs=streams, core_process=core_process))
-        handoffs = 0
-        deliver = engine._deliver
-
-        def counted(report: Any) -> None:
-            nonlocal handoffs
-            handoffs += 1
-            deliver(report)
-
-        engine._deliver = counted  # type: ignore[method-assign]
+        handoffs = count_handoffs(engine)
         try:
             steps_before = engine.stats().steps_total
 
@@ -474,7 +467,7 @@ def test_work_per_step_not_per_token(ckpt: Path, core_process: bool) -> None:
             # Each step's outputs for all 16 streams arrive in one hand-off (per-stream or
             # per-token hand-offs would be ~16x the steps).
             assert steps >= tokens
-            assert handoffs <= steps + 2, (handoffs, steps)
+            assert handoffs() <= steps + 2, (handoffs(), steps)
         finally:
             await engine.shutdown()
 
@@ -511,13 +504,47 @@ def test_lost_core_process_fails_streams_and_health(ckpt: Path) -> None:
     run(main)
 
 
+def test_reports_and_prompts_larger_than_a_socket_read_on_serves_event_loop(ckpt: Path) -> None:
+    """On uvloop (a Serve replica's loop, which makes the socket it watches non-blocking): reports of
+    hundreds of KiB (sixteen streams' held outputs with 20 logprobs each, handed over at once) and
+    prompts of thousands of tokens cross the core's socket whole, whatever one read or write takes."""
+    import uvloop
+
+    streams, n_tokens = 16, 96
+    params = SamplingParams(temperature=0.0, max_tokens=n_tokens, ignore_eos=True, logprobs=20)
+    rng = random.Random(11)
+    long_prompts = {f"long{i}": rand_ids(rng, 3000) for i in range(4)}
+
+    async def main() -> None:
+        engine = AsyncEngine(config(ckpt, blocks=8192, max_num_seqs=streams, max_num_batched_tokens=4096))
+        assert isinstance(engine.core, ProcessCore)
+        try:
+            async def whole(rid: str, prompt: list[int], p: SamplingParams) -> list[RequestOutput]:
+                reads = [outs async for outs in engine.stream(rid, prompt, p, whole=True)]
+                assert len(reads) == 1
+                return reads[0]
+
+            results = await asyncio.gather(*(whole(f"s{i}", rand_ids(rng, 8), params) for i in range(streams)))
+            assert all(len(tokens_of(outs)) == n_tokens and len(outs[-1].choices[0].logprobs) == 1
+                       and len(outs[0].choices[0].logprobs[0].top) == 20 for outs in results)
+            one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+            firsts = await asyncio.gather(*(whole(rid, prompt, one) for rid, prompt in long_prompts.items()))
+            assert [outs[-1].num_prompt_tokens for outs in firsts] == [3000] * len(long_prompts)
+            assert engine.stats().healthy
+        finally:
+            await engine.shutdown()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(main(), timeout=120))
+
+
 def test_outputs_before_a_failure_in_one_read_still_reach_the_reader(ckpt: Path) -> None:
     """A reader that fell behind can find a step's output and the next step's failure in one read:
     it gets the output first, then the error (a token a client was owed is not dropped)."""
 
     async def main() -> None:
         engine = AsyncEngine(config(ckpt, core_process=False))
-        engine.start()
+        await engine.start()
         engine.core.send = lambda command: None  # type: ignore[method-assign] - this test plays the core
         token = RequestOutput("r", [ChoiceDelta(0, [7], "x")], False, 3, 0, 1)
         failed = RequestOutput("r", [], False, 3, 0, 1, error="injected device fault")

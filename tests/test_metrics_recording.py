@@ -5,12 +5,13 @@ the router's status codes, rejection reasons and client disconnects."""
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import json
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
@@ -20,7 +21,13 @@ from ray.exceptions import TaskCancelledError
 from deployments import metrics as m
 from deployments.replica_metrics import ReplicaMetrics
 from deployments.router_metrics import MetricsMiddleware, RouterMetrics
-from engine.outputs import ChoiceDelta, EngineStats, RequestError, RequestFailedError, RequestOutput
+from engine.outputs import (
+    ChoiceDelta,
+    EngineStats,
+    RequestError,
+    RequestFailedError,
+    RequestOutput,
+)
 
 
 @dataclass
@@ -80,12 +87,12 @@ def output(finish: str | None = None, index: int = 0, queue_time: float | None =
 
 async def engine_stream(items: list[RequestOutput | BaseException],
                         gap: float = 0.02) -> AsyncIterator[list[RequestOutput]]:
-    """As `AsyncEngine.stream` hands outputs over: one step's output per read here."""
+    """As `AsyncEngine.stream` hands outputs over: one step's output per read here, made as it is read."""
     for item in items:
         await asyncio.sleep(gap)
         if isinstance(item, BaseException):
             raise item
-        yield [item]
+        yield [replace(item, produced_at=time.monotonic())]
 
 
 # ---- the replica ---------------------------------------------------------------------------------
