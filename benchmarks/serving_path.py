@@ -3,11 +3,12 @@ costs, on one checkpoint, in one run.
 
     mixtral-serve bench serving-path --model DIR --streams 1 16 64 [--vllm-python VENV/bin/python]
 
-One after another, on the same checkpoint and the same engine settings (the `--tier` of
-`--config`, its `engine` block and its `tuning`):
+On the same checkpoint and the same engine settings (the `--tier` of `--config`, its `engine`
+block and its `tuning`), the engines side by side in alternate rounds, then the servers one after
+another:
 
   engine-sync   the offline engine, `LLM.generate` of all streams' prompts at once
-  engine-async  `AsyncEngine` in this process: concurrent streams, as a server's front drives it
+  engine-async  `AsyncEngine` in this process: the same prompts as concurrent streams
   serve         our Serve application (`serve run` of the config), through Serve's HTTP proxy
   vllm          vLLM's OpenAI server from its own venv (`--vllm-python`), in its advised CPU set-up
 
@@ -73,39 +74,27 @@ def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
 
 
-def bench_engine_sync(config: Any, levels: list[int], args: argparse.Namespace) -> list[PathResult]:
-    from engine.llm import LLM
-    from engine.sampling_params import SamplingParams
-
-    llm = LLM(config=config)
-    vocab = llm.engine.model_config.vocab_size
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(_prompts(max(levels), args.input_len, vocab, 0), params)  # warm-up
-    rows = []
-    for n in levels:
-        rates = []
-        for r in range(args.rounds):
-            t = time.perf_counter()
-            llm.generate(_prompts(n, args.input_len, vocab, r + 1), params)
-            rates.append(n * args.output_len / (time.perf_counter() - t))
-        rate = statistics.median(rates)
-        rows.append(PathResult(path="engine-sync", streams=n, total_tok_s=rate, per_stream_tok_s=rate / n))
-    llm.engine.shutdown()
-    return rows
-
-
-async def bench_engine_async(config: Any, levels: list[int], args: argparse.Namespace) -> list[PathResult]:
+async def bench_engines(config: Any, levels: list[int], args: argparse.Namespace,
+                        paths: list[str]) -> list[PathResult]:
+    """engine-sync and engine-async, loaded side by side and run in alternate rounds (each round `n`
+    prompts at once): a host whose speed drifts between minutes (a VM's neighbours) then moves both
+    alike, and the ratio between them holds."""
     import numpy as np
 
     from engine.async_engine import AsyncEngine
+    from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
-    engine = AsyncEngine(config)
+    llm = LLM(config=config) if "engine-sync" in paths else None
+    engine = AsyncEngine(config) if "engine-async" in paths else None
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    vocab = engine.tokenizer.vocab_size
+    front = llm.engine if llm else engine
+    assert front is not None, "no engine path asked for"
+    vocab = front.tokenizer.vocab_size
     ids = iter(range(1 << 30))
 
     async def one(prompt: list[int]) -> float:
+        assert engine is not None
         t0 = time.perf_counter()
         ttft = None
         async for _ in engine.stream(f"r{next(ids)}", prompt, params):
@@ -113,22 +102,47 @@ async def bench_engine_async(config: Any, levels: list[int], args: argparse.Name
         assert ttft is not None
         return ttft
 
-    async def user(prompts: list[list[int]]) -> list[float]:
-        return [await one(p) for p in prompts]
+    def timed_sync(prompts: list[list[int]]) -> float:
+        assert llm is not None
+        t = time.perf_counter()
+        llm.generate(prompts, params)
+        return time.perf_counter() - t
+
+    async def timed_async(prompts: list[list[int]]) -> tuple[float, list[float]]:
+        t = time.perf_counter()
+        ttfts = await asyncio.gather(*(one(p) for p in prompts))
+        return time.perf_counter() - t, ttfts
 
     rows = []
     try:
-        await asyncio.gather(*(one(p) for p in _prompts(max(levels), args.input_len, vocab, 0)))  # warm-up
+        warm = _prompts(max(levels), args.input_len, vocab, 0)
+        if llm:
+            timed_sync(warm)
+        if engine:
+            await timed_async(warm)
         for n in levels:
-            prompts = _prompts(n * args.rounds, args.input_len, vocab, n)
-            t = time.perf_counter()
-            ttfts = [x for xs in await asyncio.gather(*(user(prompts[i::n]) for i in range(n))) for x in xs]
-            rate = n * args.rounds * args.output_len / (time.perf_counter() - t)
-            p50, p99 = np.percentile(ttfts, [50, 99]).tolist()
-            rows.append(PathResult(path="engine-async", streams=n, total_tok_s=rate, per_stream_tok_s=rate / n,
-                                   ttft_p50_ms=p50 * 1e3, ttft_p99_ms=p99 * 1e3))
+            sync_rates, async_rates, ttfts = [], [], []
+            for r in range(args.rounds):  # a round: one request per stream, each engine in turn
+                prompts = _prompts(n, args.input_len, vocab, 1000 * n + r)
+                if llm:
+                    sync_rates.append(n * args.output_len / timed_sync(prompts))
+                if engine:
+                    seconds, round_ttfts = await timed_async(prompts)
+                    async_rates.append(n * args.output_len / seconds)
+                    ttfts += round_ttfts
+            if llm:
+                rate = statistics.median(sync_rates)
+                rows.append(PathResult(path="engine-sync", streams=n, total_tok_s=rate, per_stream_tok_s=rate / n))
+            if engine:
+                rate = statistics.median(async_rates)
+                p50, p99 = np.percentile(ttfts, [50, 99]).tolist()
+                rows.append(PathResult(path="engine-async", streams=n, total_tok_s=rate, per_stream_tok_s=rate / n,
+                                       ttft_p50_ms=p50 * 1e3, ttft_p99_ms=p99 * 1e3))
     finally:
-        await engine.shutdown()
+        if engine:
+            await engine.shutdown()
+        if llm:
+            llm.engine.shutdown()
     return rows
 
 
@@ -268,10 +282,8 @@ def main(args: argparse.Namespace) -> None:
         app_yaml["applications"][0]["args"]["tiers"][args.tier]["engine"]["dtype"] = args.dtype
     engine_config = _engine_config(app_yaml["applications"][0], args.tier, args.model)
     rows: list[PathResult] = []
-    if "engine-sync" in args.paths:
-        rows += bench_engine_sync(engine_config, args.streams, args)
-    if "engine-async" in args.paths:
-        rows += asyncio.run(bench_engine_async(engine_config, args.streams, args))
+    if {"engine-sync", "engine-async"} & set(args.paths):
+        rows += asyncio.run(bench_engines(engine_config, args.streams, args, args.paths))
     if "serve" in args.paths:
         rows += bench_serve(app_yaml, args.model, args.tier, args.streams, args)
     if "vllm" in args.paths and args.vllm_python:

@@ -138,7 +138,10 @@ class EngineConfig(_Strict):
     # (engine/engine_core.py). False: on a thread of the server's process.
     core_process: bool = True
     # How the core process's step threads wait between parallel regions (GNU OpenMP's wait policy).
-    # "sleep": they yield the core, for processes sharing it (a server's proxy, router and replica);
-    # "spin": they busy-wait, ~10% faster steps on a host with nothing else to run. Through Serve on
-    # 2 cores (tiny checkpoint, 16 streams) "sleep" gave ~3.1k tokens/s against ~2.2-2.4k.
+    # "sleep": they yield the core at once, for processes sharing it (a server's proxy, router and
+    # replica); "spin": GNU's default, a busy-wait of ~3 ms before sleeping (not ACTIVE, which spins
+    # for minutes after the last step), faster steps on a host with nothing else to run. On 2 cores
+    # (tiny checkpoint, 1 / 16 / 64 streams) through Serve "sleep" gave 955 / 2,655 / 3,934 tokens/s
+    # against 479 / 2,085 / 3,390; the AsyncEngine alone "spin" 0.84-0.91x / 0.86x / 0.73-0.78x of
+    # the offline engine against 0.79-0.95x / 0.68-0.72x / 0.69-0.72x.
     cpu_wait: Literal["sleep", "spin"] = "sleep"

@@ -219,8 +219,9 @@ class ProcessCore:
         self._sock, theirs = socket.socketpair()
         # The child imports what this process imports, wherever that comes from. OpenMP reads its wait
         # policy once, at start: only a process of our own can take `cpu_wait`.
-        env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-                            "OMP_WAIT_POLICY": "PASSIVE" if config.cpu_wait == "sleep" else "ACTIVE"}
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_WAIT_POLICY": "PASSIVE"}
+        if config.cpu_wait == "spin":  # GNU OpenMP's own default: spin ~3 ms, then sleep (ACTIVE: minutes)
+            del env["OMP_WAIT_POLICY"]
         self._proc = subprocess.Popen([sys.executable, "-m", "engine.engine_core", str(theirs.fileno())],
                                       pass_fds=(theirs.fileno(),), env=env)
         theirs.close()

@@ -504,6 +504,26 @@ def test_lost_core_process_fails_streams_and_health(ckpt: Path) -> None:
     run(main)
 
 
+@pytest.mark.parametrize(("cpu_wait", "policy"), [("sleep", "PASSIVE"), ("spin", None)])
+def test_cpu_wait_sets_the_core_process_openmp_policy(ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      cpu_wait: str, policy: str | None) -> None:
+    """`spin` is GNU OpenMP's default (spin briefly, then sleep), whatever the caller's environment
+    says: ACTIVE would keep an idle core's threads spinning for minutes."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+
+    async def main() -> None:
+        engine = AsyncEngine(config(ckpt).model_copy(update={"cpu_wait": cpu_wait}))
+        assert isinstance(engine.core, ProcessCore)
+        try:
+            environ = Path(f"/proc/{engine.core._proc.pid}/environ").read_bytes().split(b"\0")
+            found = [v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"OMP_WAIT_POLICY=")]
+            assert found == ([policy] if policy else [])
+        finally:
+            await engine.shutdown()
+
+    run(main)
+
+
 def test_reports_and_prompts_larger_than_a_socket_read_on_serves_event_loop(ckpt: Path) -> None:
     """On uvloop (a Serve replica's loop, which makes the socket it watches non-blocking): reports of
     hundreds of KiB (sixteen streams' held outputs with 20 logprobs each, handed over at once) and

@@ -1,0 +1,46 @@
+"""`bench serving-path`'s engine paths on the tiny checkpoint: both engines side by side in
+alternate rounds, every level reported for each (benchmarks/serving_path.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.serving_path import bench_engines
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.llm import LLM
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_engine_paths_alternate_and_report_every_level(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    order: list[str] = []  # which engine each request went to, in order
+    generate, stream = LLM.generate, AsyncEngine.stream
+
+    def noted_generate(self: LLM, *args: Any, **kwargs: Any) -> Any:
+        order.append("sync")
+        return generate(self, *args, **kwargs)
+
+    def noted_stream(self: AsyncEngine, *args: Any, **kwargs: Any) -> Any:
+        order.append("async")
+        return stream(self, *args, **kwargs)
+
+    monkeypatch.setattr(LLM, "generate", noted_generate)
+    monkeypatch.setattr(AsyncEngine, "stream", noted_stream)
+    config = EngineConfig(model=str(tiny_checkpoint), dtype="float32", load_progress=False,
+                          cache={"kv_cache_bytes": "8MiB"}, scheduler={"max_num_seqs": 4, "max_num_batched_tokens": 64})
+    args = argparse.Namespace(input_len=8, output_len=6, rounds=2)
+    rows = asyncio.run(bench_engines(config, [1, 3], args, ["engine-sync", "engine-async"]))
+
+    assert [(r.path, r.streams) for r in rows] == [("engine-sync", 1), ("engine-async", 1),
+                                                   ("engine-sync", 3), ("engine-async", 3)]
+    assert all(r.total_tok_s > 0 and r.per_stream_tok_s * r.streams == pytest.approx(r.total_tok_s) for r in rows)
+    assert all(r.ttft_p50_ms is not None and 0 < r.ttft_p50_ms <= r.ttft_p99_ms  # type: ignore[operator]
+               for r in rows if r.path == "engine-async")
+    turns = [who for i, who in enumerate(order) if i == 0 or order[i - 1] != who]
+    assert turns == ["sync", "async"] * (1 + 2 * 2)  # the warm-up, then each level's two rounds
