@@ -6,8 +6,8 @@ keeps answering while the model computes and never paces the engine. A step's ou
 to the event loop in one hand-off, whatever the number of streams, and only once some stream's
 flush interval is up (the core holds them till then); a stream whose reader fell behind finds
 every output that arrived meanwhile in one read (`stream()`), so a slow consumer costs one
-wake-up per read, not one per step. Prompts are encoded and checked here,
-before they reach the core.
+wake-up per read, not one per step. Prompts are encoded and checked here, before they reach the
+core.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ NOTE: an asyncio transport, not `Connection.recv`/`send` on the front's side: an
 watching a socket may make it non-blocking (uvloop, Serve's loop, does), and then a report
 larger than one read raised BlockingIOError mid-message, and a command sent while the core's
 receive buffer was full (long prompts during a long step) failed. The transport buffers both
-ways: a read takes what arrived, a send never blocks the loop.
+ways: a read takes what arrived, a send never blocks the loop. It reads on the loop itself, not on
+a reader thread: one wake-up per report and no second thread contending for the GIL.
 """
 
 from __future__ import annotations
