@@ -27,6 +27,10 @@ def flush_interval(tuning: SchedulerConfig, num_requests: int) -> float:
     return interval
 
 
+def _ends(out: RequestOutput) -> bool:
+    return out.finished or out.error is not None
+
+
 class OutputHold:
     def __init__(self) -> None:
         self._held: dict[str, list[RequestOutput]] = {}
@@ -42,13 +46,13 @@ class OutputHold:
         """What to deliver after a step that made `outputs` (in order per request); holds the rest."""
         for out in outputs:
             self._held.setdefault(out.request_id, []).append(out)
-            if out.finished or out.error is not None:
+            if _ends(out):
                 self._due[out.request_id] = -math.inf
         ready: list[RequestOutput] = []
         for request_id in [r for r in self._held if self._due.get(r, -math.inf) <= now]:
             held = self._held.pop(request_id)
             ready += held
-            if held[-1].finished or held[-1].error is not None:
+            if _ends(held[-1]):
                 del self._due[request_id]
             else:
                 self._due[request_id] = now + interval
