@@ -6,7 +6,7 @@ time goes between the engine and the client's socket.
     cpu.shares  # {"engine core (throughput)": 104.6, "replica router": 18.7, ...}: % of one core
 
 Groups by what a process is to a server: Serve's replicas by deployment (the router is one), the
-engine core under the replica that started it, Serve's proxy and controller, Ray's daemons, vLLM's
+engine core under the replica that started it, Serve's proxy (or HAProxy) and controller, Ray's daemons, vLLM's
 processes, and this process (the benchmark's client).
 """
 
@@ -36,6 +36,8 @@ def label(cmdline: str, parent: str | None, client_pid: int, pid: int) -> str:
             else "engine core"
     if "ProxyActor" in cmdline:
         return "serve proxy"
+    if "haproxy" in cmdline.lower():  # Serve's HAProxy and the actor that configures it
+        return "serve haproxy"
     if "ServeController" in cmdline:
         return "serve controller"
     if "vllm" in cmdline.lower():

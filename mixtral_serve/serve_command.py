@@ -1,7 +1,8 @@
 """`mixtral-serve serve`: the Serve application in one command, as `vllm serve` is for vLLM.
 
     mixtral-serve serve [--model DIR] [--config FILE] [--host H] [--port P] [--tier T ...]
-                        [--metrics-port 8080] [--dashboard-port 8265] [engine flags ...]
+                        [--ingress haproxy|proxy] [--metrics-port 8080] [--dashboard-port 8265]
+                        [engine flags ...]
 
 Starts a Ray node on this machine, deploys the config's application exactly as `serve deploy`
 does (through the dashboard's REST API), with the flags given laid over the file, prints the
@@ -25,6 +26,7 @@ import yaml
 import configs
 from engine.config import EngineConfig
 from mixtral_serve.engine_flags import add_engine_flags, given_engine_flags
+from mixtral_serve.ray_env import INGRESSES, default_ingress, ray_env
 
 _OUR_APP = "deployments.app:build_app"
 # NOTE: Prometheus' examples and Ray's docs use 8080; it must lie outside Ray's worker port range
@@ -40,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="HTTP port (overrides http_options.port)")
     p.add_argument("--tier", action="append", default=[],
                    help="serve only these tiers (repeat or comma-separate); the first is the default")
+    p.add_argument("--ingress", choices=INGRESSES, default=default_ingress(),
+                   help="what takes HTTP on --port: Serve's HAProxy, forwarding to the router's own HTTP server "
+                        "(one hop fewer; the default where ray[serve] installed it), or Serve's Python proxy")
     p.add_argument("--served-model-name", help="model id clients send (overrides served_model_name)")
     p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                    help="Prometheus metrics of every process on this node: http://HOST:PORT/metrics")
@@ -105,7 +110,7 @@ def _endpoints(config: dict[str, Any], args: argparse.Namespace) -> str:
     for app in config["applications"]:
         base = f"http://{shown}:{port}{app.get('route_prefix', '/').rstrip('/')}"
         app_args = app.get("args", {})
-        lines.append(f"  OpenAI API   {base}/v1  (tier {app_args.get('default_tier')})")
+        lines.append(f"  OpenAI API   {base}/v1  (tier {app_args.get('default_tier')}; ingress {args.ingress})")
         lines += [f"               {base}/{tier}/v1" for tier in app_args.get("tiers", {})]
     lines += [
         f"  health       http://{shown}:{port}/health",
@@ -133,13 +138,12 @@ def main(args: argparse.Namespace) -> None:
         if app.get("import_path") == _OUR_APP:
             validate(app.get("args", {}))  # a bad flag or file is a message before Ray starts
 
+    # Before Ray starts: its processes (Serve's controller among them) inherit it and read it once.
+    os.environ.update(ray_env(args.ingress, dict(os.environ)))
     import ray
     from ray import serve
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    # NOTE: Ray starts workers at nice 15 below its own daemons; replicas (so engines) then lose
-    # the cores to Ray's bookkeeping (README, "Serving path").
-    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=args.dashboard_port, _metrics_export_port=args.metrics_port,
              logging_level="WARNING", configure_logging=True)

