@@ -129,8 +129,11 @@ async def _client_gone(http: Request) -> None:
     would run to its last token. Streams need this only until their first chunk: from there
     Starlette's StreamingResponse watches the connection itself.
     """
-    while (await http.receive())["type"] != "http.disconnect":
-        pass
+    try:
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 - a connection that can no longer be read cannot be answered either
+        return
 
 
 async def _unless_gone(work: Awaitable[T], gone: "asyncio.Future[None]", timeout: float) -> T:

