@@ -6,8 +6,8 @@ time goes between the engine and the client's socket.
     cpu.shares  # {"engine core (throughput)": 104.6, "replica router": 18.7, ...}: % of one core
 
 Groups by what a process is to a server: Serve's replicas by deployment (the router is one), the
-engine core under the replica that started it, Serve's proxy (or HAProxy) and controller, Ray's daemons, vLLM's
-processes, and this process (the benchmark's client).
+engine core under the replica that started it, Serve's proxy (or HAProxy) and controller, Ray's
+daemons, vLLM's processes, and this process (the benchmark's client).
 """
 
 from __future__ import annotations

@@ -212,4 +212,3 @@ def test_logprobs_are_json_finite() -> None:
 
     assert _finite(float("-inf")) == _finite(float("nan")) == -9999.0
     assert _finite(-1.5) == -1.5
-
