@@ -1,7 +1,7 @@
 """`mixtral-serve serve`: the Serve application in one command, as `vllm serve` is for vLLM.
 
     mixtral-serve serve [--model DIR] [--config FILE] [--host H] [--port P] [--tier T ...]
-                        [--ingress haproxy|proxy] [--metrics-port 8080] [--dashboard-port 8265]
+                        [--ingress proxy|haproxy] [--metrics-port 8080] [--dashboard-port 8265]
                         [engine flags ...]
 
 Starts a Ray node on this machine, deploys the config's application exactly as `serve deploy`
