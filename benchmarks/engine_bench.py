@@ -36,19 +36,22 @@ from mixtral_serve.engine_flags import add_engine_flags, engine_config
 PEERS = Path(__file__).parent / "peers"
 
 
-def read_bandwidth_gbs(gib: float = 1.0) -> float:
-    """Median of read-only passes over a buffer much larger than the caches.
+def read_bandwidth_gbs(device: str = "cpu", gib: float = 1.0) -> float:
+    """Median of read-only passes over a buffer much larger than the caches, on the engine's device.
 
     NOTE: the median, not the best: on the virtual machines this runs on, one pass in several
     reads ~1.5x faster than the others (and than any engine step ever streams).
     """
-    buf = torch.ones(int(gib * 2**30) // 4)
+    buf = torch.ones(int(gib * 2**30) // 4, device=device)
+    sync = torch.cuda.synchronize if buf.is_cuda else lambda: None
     times = []
-    for _ in range(7):
+    for _ in range(8):  # the first pass warms up (a GPU's clocks, a CPU's pages), not counted
+        sync()
         t = time.perf_counter()
         buf.sum()
+        sync()
         times.append(time.perf_counter() - t)
-    return buf.numel() * 4 / statistics.median(times) / 1e9
+    return buf.numel() * 4 / statistics.median(times[1:]) / 1e9
 
 
 def weight_bytes_per_step(cfg: ModelConfig, batch: int, elem_bytes: int, quantized_bytes: int | None = None) -> float:
@@ -135,7 +138,7 @@ def run_round(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.vllm_python:
         env = os.environ | {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
         rows += bench_peer([args.vllm_python, str(PEERS / "vllm_offline.py"), *_common(args, dtype)], env)
-    bandwidth = read_bandwidth_gbs()
+    bandwidth = read_bandwidth_gbs(engine_config(args).device)
     elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     rooflines = {"roofline": None} | ({"roofline fp8": 1} if engine_config(args).quantization == "fp8" else {})
     for name, quantized in rooflines.items():

@@ -1,21 +1,27 @@
 """One-shot check of every GPU path, for the day a GPU is lent: `python benchmarks/gpu_check.py [--json-out F]`.
 
-On a CUDA machine (one H100/H200: a few minutes; nothing is fetched):
+On a CUDA machine (one H200: about two minutes; nothing is fetched):
   e2e        the tiny checkpoint end to end on CUDA (Triton MoE, Triton decode attention, CUDA graphs
              captured at start-up): greedy tokens against graphs off and against the CPU engine
   moe        the fused-MoE kernel at the 8x7B and 8x22B expert shapes, bf16 / w8a16 / w8a8, against
              an fp32 loop over experts: relative error, time, weight bandwidth
   fp8 linear `Linear` over an fp8 weight (torch._scaled_mm) at M in {1, 5, 64, 2048} against bf16
-  attention  decode (64 sequences x 8K context) and a prefix-hit prefill (2K chunk over 32K context):
+  lora       the LoRA shrink/expand kernels on 8x7B's q/k/v shapes, 4 adapters, against PyTorch
+  attention  decode (1 x 32K and 64 x 8K context), a prefix-hit prefill (2K chunk over 32K context):
              time and peak memory, against the SDPA-over-a-mask path they replace
+  decode     `bench engine` on the bench checkpoint and on 8x7B's shapes over two layers: decode
+             tokens/s at batch 1 / 16 / 64 and TTFT, CUDA graphs on and off, bf16 and fp8 weights,
+             against the roofline of streaming the weights at the GPU's measured read bandwidth
   nccl       a 2-rank NCCL group (TPGroup.all_reduce and .min) when two GPUs are visible
 On a CPU-only machine it says so, runs the same kernels small under Triton's interpreter and the
 tiny checkpoint on the CPU engine, and exits 0. It prints one table and writes JSON.
 
-The device image has torch, triton, transformers, safetensors and sentencepiece; pydantic (with
-pydantic-core, annotated-types, typing-inspection, typing-extensions), mistral-common (whose
-tokenizer file the tiny checkpoint uses) and tqdm travel as wheels, installed with
-`pip install --no-index --no-deps --target /tmp/site .whl/*.whl` and `PYTHONPATH=/tmp/site`.
+The device image has torch, triton, transformers, safetensors, sentencepiece, tiktoken and tqdm;
+these travel as wheels (what the engine imports, with their own needs): pydantic, pydantic-core,
+annotated-types, typing-inspection, typing-extensions, mistral-common (whose tokenizer file the
+random checkpoints use), pydantic-extra-types, pycountry, jsonschema, jsonschema-specifications,
+referencing, rpds-py and llguidance, installed with `pip install --no-index --no-deps --target
+/tmp/site .whl/*.whl` and `PYTHONPATH=/tmp/site`.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -43,6 +50,8 @@ from engine.checkpoint import PRESETS, write_checkpoint  # noqa: E402
 from engine.fused_moe_triton import fused_moe_triton  # noqa: E402
 from engine.linear import Linear  # noqa: E402
 from engine.llm import LLM  # noqa: E402
+from engine.lora_ops import Groups, add_lora_reference  # noqa: E402
+from engine.lora_triton import add_lora_triton  # noqa: E402
 from engine.moe import select_experts  # noqa: E402
 from engine.paged_attention_triton import paged_decode_attention  # noqa: E402
 from engine.quant import dequantize_fp8, quantize_act_fp8, quantize_fp8  # noqa: E402
@@ -54,20 +63,39 @@ DEV = torch.device("cuda" if ON_GPU else "cpu")
 
 
 def timed(fn: Callable[[], Any], reps: int) -> tuple[float, float]:
-    """(median ms, peak GiB allocated) of `reps` calls after one warm-up."""
+    """(median ms, peak GiB allocated) of `reps` calls after one warm-up.
+
+    NOTE: on a GPU, replays of a CUDA graph of one call, timed with CUDA events: the kernels'
+    own time, as the engine's graphed decode step runs them, without Python's launch overhead
+    (which alone took ~1 ms per fused-MoE call on an H200). Eager calls where capture fails.
+    """
     fn()
-    if ON_GPU:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    if not ON_GPU:
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1000)
+        return sorted(times)[len(times) // 2], float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    run = fn
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    except RuntimeError as err:
+        print(f"    (no graph, timed eagerly: {str(err)[:100]})", flush=True)
     times = []
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        if ON_GPU:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1000)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else float("nan")
-    return sorted(times)[len(times) // 2], peak
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -165,6 +193,32 @@ def check_fp8_linear() -> list[Row]:
     return rows
 
 
+# ---- LoRA ---------------------------------------------------------------------------------------
+def check_lora() -> list[Row]:
+    """The shrink/expand kernel pair on 8x7B's fused q/k/v projection, 4 adapters (and rows with
+    none), against the segmented PyTorch product in fp32."""
+    k, splits, rank = (4096, (4096, 1024, 1024), 16) if ON_GPU else (64, (64, 16, 16), 4)
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    a = (torch.randn(4, len(splits) * rank, k, device=DEV, generator=gen) * k**-0.5).to(dtype)  # [G, 3R, K]
+    b = (torch.randn(4, rank, sum(splits), device=DEV, generator=gen) * rank**-0.5).to(dtype)  # [G, R, N]
+    rows = []
+    for t in [1, 64, 2048] if ON_GPU else [1, 5]:
+        x = torch.randn(t, k, device=DEV, generator=gen).to(dtype)  # [T, K]
+        index = torch.arange(t, device=DEV) % 5  # [T]: adapters 0..3 in turn, then a row of the base model only
+        index[index == 4] = -1
+        out = torch.randn(t, sum(splits), device=DEV, generator=gen).to(dtype)  # [T, N]
+        ref = out.float().clone()  # [T, N] fp32 (a copy even when out is fp32)
+        add_lora_reference(ref, x.float(), Groups(index), a.float(), b.float(), splits)
+        got = out.clone()
+        add_lora_triton(got, x, index, a, b, splits)
+        err = rel_err(got - out, ref - out)  # the LoRA delta alone
+        ms, peak = timed(lambda: add_lora_triton(out.clone(), x, index, a, b, splits), 20 if ON_GPU else 1)
+        rows.append({"check": "lora shrink/expand", "shape": f"T={t} K={k} R={rank} x4", "ok": err < 0.02,
+                     "err": err, "ms": ms, "peak_GiB": peak})
+    return rows
+
+
 # ---- attention ----------------------------------------------------------------------------------
 def check_attention() -> list[Row]:
     from torch.nn.attention.bias import causal_lower_right
@@ -172,28 +226,28 @@ def check_attention() -> list[Row]:
     heads, kv_heads, hd = (32, 8, 128) if ON_GPU else (8, 2, 32)
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     rows = []
-    batch, context = (64, 8192) if ON_GPU else (4, 64)
-    slots_total = batch * context
-    k_cache = torch.randn(slots_total, kv_heads, hd, device=DEV, dtype=dtype)  # [S, KVH, hd]
-    v_cache = torch.randn_like(k_cache)
-    slots = torch.randperm(slots_total, device=DEV).view(batch, context)  # [B, L] scattered
-    q = torch.randn(batch, heads, hd, device=DEV, dtype=dtype)  # [B, H, hd]
-    first = torch.zeros(batch, dtype=torch.long, device=DEV)
-    last = torch.full((batch,), context - 1, dtype=torch.long, device=DEV)
+    for batch, context in ((1, 32768), (64, 8192)) if ON_GPU else ((4, 64),):
+        slots_total = batch * context
+        k_cache = torch.randn(slots_total, kv_heads, hd, device=DEV, dtype=dtype)  # [S, KVH, hd]
+        v_cache = torch.randn_like(k_cache)
+        slots = torch.randperm(slots_total, device=DEV).view(batch, context)  # [B, L] scattered
+        q = torch.randn(batch, heads, hd, device=DEV, dtype=dtype)  # [B, H, hd]
+        first = torch.zeros(batch, dtype=torch.long, device=DEV)
+        last = torch.full((batch,), context - 1, dtype=torch.long, device=DEV)
 
-    def masked() -> torch.Tensor:  # what the decode kernel replaces
-        kc, vc = k_cache[slots].transpose(1, 2), v_cache[slots].transpose(1, 2)  # [B, KVH, L, hd]
-        mask = torch.ones(batch, 1, 1, context, dtype=torch.bool, device=DEV)
-        return F.scaled_dot_product_attention(q.unsqueeze(2), kc, vc, attn_mask=mask, enable_gqa=True).squeeze(2)
+        def masked() -> torch.Tensor:  # what the decode kernel replaces
+            kc, vc = k_cache[slots].transpose(1, 2), v_cache[slots].transpose(1, 2)  # [B, KVH, L, hd]
+            mask = torch.ones(batch, 1, 1, context, dtype=torch.bool, device=DEV)
+            return F.scaled_dot_product_attention(q.unsqueeze(2), kc, vc, attn_mask=mask, enable_gqa=True).squeeze(2)
 
-    kernel = lambda: paged_decode_attention(q, k_cache, v_cache, slots, first, last)  # noqa: E731
-    ref = masked()
-    for label, fn in (("decode triton", kernel), ("decode sdpa+mask", masked)):
-        ms, peak = timed(fn, 10 if ON_GPU else 1)
-        err = rel_err(fn(), ref)
-        rows.append({"check": f"attention {label}", "shape": f"{batch} seqs x {context}", "ok": err < 0.02,
-                     "err": err, "ms": ms, "peak_GiB": peak,
-                     "GB/s": 2 * slots_total * kv_heads * hd * k_cache.element_size() / (ms * 1e-3) / 1e9})
+        kernel = lambda: paged_decode_attention(q, k_cache, v_cache, slots, first, last)  # noqa: E731
+        ref = masked()
+        for label, fn in (("decode triton", kernel), ("decode sdpa+mask", masked)):
+            ms, peak = timed(fn, 10 if ON_GPU else 1)
+            err = rel_err(fn(), ref)
+            rows.append({"check": f"attention {label}", "shape": f"{batch} seqs x {context}", "ok": err < 0.02,
+                         "err": err, "ms": ms, "peak_GiB": peak,
+                         "GB/s": 2 * slots_total * kv_heads * hd * k_cache.element_size() / (ms * 1e-3) / 1e9})
     chunk, ctx = (2048, 32768) if ON_GPU else (16, 64)
     qs = torch.randn(1, heads, chunk, hd, device=DEV, dtype=dtype)  # [1, H, q, hd]
     kc = torch.randn(1, kv_heads, ctx, hd, device=DEV, dtype=dtype)  # [1, KVH, C, hd]
@@ -208,6 +262,46 @@ def check_attention() -> list[Row]:
     err = rel_err(lower_right()[:, :, ref_rows], ref)
     rows.append({"check": "attention prefill lower-right", "shape": f"{chunk} chunk x {ctx}", "ok": err < 0.02,
                  "err": err, "ms": ms, "peak_GiB": peak})
+    return rows
+
+
+# ---- decode speed -------------------------------------------------------------------------------
+def check_decode() -> list[Row]:
+    """`bench engine`'s measurement (decode tokens/s, TTFT, the weight-streaming roofline at the
+    device's read bandwidth) on the bench checkpoint and on 8x7B's shapes cut to two layers (a
+    whole 8x7B would not fit the disk): CUDA graphs on and off, bf16 and fp8 weights."""
+    from benchmarks import engine_bench
+
+    if ON_GPU:
+        models = {"bench": PRESETS["bench"], "8x7B 2 layers": PRESETS["bench"].model_copy(update=dict(
+            hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
+            num_key_value_heads=8, head_dim=128))}
+        variants = {"graphs": [], "eager": ["--decode-graphs-max-batch", "0"], "fp8 graphs": ["--quantization", "fp8"]}
+        shape = ["--batch", "1", "16", "64", "--max-tokens", "64", "--ttft-len", "1024", "--reps", "3"]
+    else:  # the same code path, small: the tiny checkpoint on the CPU engine
+        models, variants = {"tiny": PRESETS["tiny"]}, {"eager": []}
+        shape = ["--batch", "1", "4", "--max-tokens", "8", "--ttft-len", "64", "--reps", "1"]
+    parser = argparse.ArgumentParser()
+    engine_bench.add_arguments(parser)
+    rows = []
+    for name, cfg in models.items():
+        ckpt = write_checkpoint(Path(tempfile.mkdtemp()) / "decode", cfg, dtype="bfloat16")
+        for variant, flags in variants.items():
+            args = parser.parse_args(["--model", str(ckpt), "--device", DEV.type, "--dtype", "bfloat16",
+                                      "--no-load-progress", *shape, *flags])
+            t = time.perf_counter()
+            measured = engine_bench.run_round(args)
+            ours = [r for r in measured if not r["engine"].startswith("roofline")]
+            top_name = "roofline fp8" if "fp8" in variant else "roofline"
+            roofline = {r["batch"]: r for r in measured if r["engine"] == top_name}
+            for r in ours:
+                top = roofline[r["batch"]]
+                rows.append({"check": f"decode {variant}", "shape": f"{name} B={r['batch']}",
+                             "ok": r["decode_tok_s"] > 0, "tok/s": r["decode_tok_s"], "ms": r["ttft_s"] * 1000,
+                             "note": f"TTFT ({args.ttft_len} tokens) in ms; roofline {top['decode_tok_s']:.0f} tok/s "
+                                     f"({r['decode_tok_s'] / top['decode_tok_s']:.0%}): {top['note']}"})
+            print(f"    {name} {variant}: {time.perf_counter() - t:.1f}s", flush=True)
+        shutil.rmtree(ckpt.parent, ignore_errors=True)
     return rows
 
 
@@ -246,18 +340,18 @@ def main() -> None:
     where = torch.cuda.get_device_name() if ON_GPU else "no GPU: CPU-side checks only (Triton interpreter, small shapes)"
     print(f"gpu_check on {where}; torch {torch.__version__}")
     rows: list[Row] = []
-    for check in (check_e2e, check_moe, check_fp8_linear, check_attention, check_nccl):
+    for check in (check_e2e, check_moe, check_fp8_linear, check_lora, check_attention, check_decode, check_nccl):
         t = time.perf_counter()
         try:
             rows += check()
         except Exception as err:  # noqa: BLE001 - one broken check must not hide the others
             rows.append({"check": check.__name__, "ok": False, "note": f"{type(err).__name__}: {err}"[:300]})
         print(f"  {check.__name__} done in {time.perf_counter() - t:.1f}s", flush=True)
-    cols = ("check", "shape", "ok", "err", "ms", "GB/s", "peak_GiB", "note")
+        args.json_out.write_text(json.dumps({"device": where, "rows": rows}, indent=2))  # kept if a later check hangs
+    cols = ("check", "shape", "ok", "err", "ms", "GB/s", "tok/s", "peak_GiB", "note")
     print(" | ".join(cols))
     for row in rows:
         print(" | ".join(f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols))
-    args.json_out.write_text(json.dumps({"device": where, "rows": rows}, indent=2))
     failed = [r for r in rows if r.get("ok") is False]
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
     sys.exit(1 if failed and ON_GPU else 0)

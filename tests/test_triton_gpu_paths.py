@@ -53,8 +53,9 @@ def _reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sl
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 16), (8, 2, 32), (6, 1, 16), (32, 8, 64)])
 @pytest.mark.parametrize("window", [None, 9])
+@pytest.mark.parametrize("partition", [None, 16])  # 16: three partitions of the 40 positions, merged
 def test_decode_kernel_matches_reference(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
-                                         window: int | None) -> None:
+                                         window: int | None, partition: int | None) -> None:
     gen = torch.Generator().manual_seed(heads * 100 + head_dim)
     batch, context, slots_total = 3, 40, 200
     q = torch.randn(batch, heads, head_dim, generator=gen).to(dtype)  # [B, H, hd]
@@ -63,7 +64,7 @@ def test_decode_kernel_matches_reference(dtype: torch.dtype, heads: int, kv_head
     slots = torch.stack([torch.randperm(slots_total, generator=gen)[:context] for _ in range(batch)])  # [B, L]
     last = torch.tensor([39, 0, 17])  # [B] a full context, a first token, one in between
     first = torch.zeros_like(last) if window is None else (last - window + 1).clamp(min=0)
-    out = pat.paged_decode_attention(q, k_cache, v_cache, slots, first, last)
+    out = pat.paged_decode_attention(q, k_cache, v_cache, slots, first, last, partition=partition)
     assert out.dtype == dtype and out.shape == q.shape
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), _reference(q, k_cache, v_cache, slots, first, last), atol=tol, rtol=tol)
