@@ -6,8 +6,8 @@
       the Triton kernel (bf16, fp8 w8a8, fp8 w8a16) against the PyTorch path `engine.moe.fused_moe`
       (bf16). Prints ms per call, the weight bytes the active experts hold, achieved weight
       bandwidth, the time floor those bytes set at the GPU's peak bandwidth, and the error
-      against the PyTorch path. `--sweep` also times a few tile configs per batch to tune
-      `engine.fused_moe_triton._TILE_TABLE`.
+      against the PyTorch path. `--sweep` also times tile configs per batch (`sweep_configs`; whole
+      calls replayed from CUDA graphs, bf16 and w8a8) against `engine.fused_moe_triton`'s tables.
 
   python benchmarks/fused_moe_kernel.py cpu-fp8 [--M 1 16]
       Can an fp8 weight matmul beat fp32 or bf16 `x @ W.T` on the "bench" expert shapes
@@ -49,13 +49,19 @@ from engine.quant import fp8_linear, quantize_fp8  # noqa: E402
 D, I, E, TOP_K = 4096, 14336, 8, 2
 PEAK_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "L40S": 864.0}  # HBM / GDDR peak, GB/s
 
-_SWEEP = [
-    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=g, num_warps=w, num_stages=s)
-    for m, n, k, g, w, s in [
-        (16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 4, 3), (32, 64, 128, 1, 4, 4),
-        (64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3),
-    ]
-]
+
+
+def sweep_configs(num_tokens: int) -> list[dict[str, int]]:
+    """Tile configs `--sweep` tries: short, wide tiles that stream weights for decode-sized
+    batches (<= 64 tokens), square tiles grouped for L2 reuse for prefill-sized ones."""
+    if num_tokens <= 64:
+        tiles = [(m, n, k, 1) for m in (16, 32) for n, k in ((32, 256), (64, 128), (64, 256), (128, 128))]
+        launches = ((4, 3), (4, 4), (8, 4))
+    else:
+        tiles = [(m, n, k, 8) for m in (64, 128) for n, k in ((64, 64), (128, 64), (128, 128), (256, 64))]
+        launches = ((4, 4), (8, 3), (8, 4))
+    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=g, num_warps=w, num_stages=st)
+            for m, n, k, g in tiles for w, st in launches]
 
 
 def _peak_gbs(name: str) -> float | None:
@@ -68,8 +74,7 @@ def _active_weight_bytes(topk_ids: torch.Tensor, bytes_per_param: float) -> floa
 
 
 def run_gpu(tokens: list[int], sweep: bool) -> None:
-    import triton.testing
-
+    from benchmarks.gpu_timing import timed
     from engine.fused_moe_triton import fused_moe_triton, tile_config
 
     dev = torch.device("cuda")
@@ -97,23 +102,22 @@ def run_gpu(tokens: list[int], sweep: bool) -> None:
         ]
         for label, bpp, fn in paths:
             err = float((fn().float() - ref).norm() / ref.norm())
-            ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+            ms = timed(fn, 50)[0]
             nbytes = _active_weight_bytes(ids, bpp)
             floor = f"{nbytes / (peak * 1e9) * 1e3:9.3f}" if peak else f"{'?':>9}"
             pct = f"{100 * nbytes / (ms * 1e-3) / (peak * 1e9):6.1f}" if peak else f"{'?':>6}"
             print(f"{t:5d} {label:<22} {ms:8.3f} {nbytes / ms / 1e6:8.0f} {pct} {floor} "
                   f"{flops / ms / 1e9:8.1f} {err:8.1e}")
-        if sweep:
-            for bf, a, b, sa, sb in (("bf16", w13, w2, None, None), ("fp8", w13_8, w2_8, s13, s2)):
-                timed = []
-                for cfg in _SWEEP:
-                    ms = triton.testing.do_bench(
-                        lambda: fused_moe_triton(x, a, b, weights, ids, sa, sb, config=cfg),
-                        warmup=10, rep=50, return_mode="median",
-                    )
-                    timed.append((ms, cfg))
-                best_ms, best = min(timed, key=lambda p: p[0])
-                print(f"{t:5d} sweep {bf}: best {best_ms:.3f} ms with {best} (table: {tile_config(t)})")
+        if sweep:  # whole calls replayed from CUDA graphs: the kernels' time, as a graphed decode step
+            for bf, a, b, sa, sb in (("bf16", w13, w2, None, None), ("fp8 w8a8", w13_8, w2_8, s13, s2)):
+                timed_cfgs = sorted(
+                    (timed(lambda: fused_moe_triton(x, a, b, weights, ids, sa, sb, quantize_activations=True,
+                                                    config=cfg), 20)[0], i, cfg)
+                    for i, cfg in enumerate([tile_config(t, fp8_dots=sa is not None), *sweep_configs(t)])
+                )
+                table_ms = next(ms for ms, i, _ in timed_cfgs if i == 0)
+                best = "; ".join(f"{ms:.3f} ms {cfg}" for ms, _, cfg in timed_cfgs[:3])
+                print(f"{t:5d} sweep {bf}: table {table_ms:.3f} ms; best {best}", flush=True)
 
 
 # ---- CPU: fp8 weight matmul vs fp32 / bf16 ---------------------------------------------------

@@ -1,4 +1,4 @@
-"""One-shot check of every GPU path, for the day a GPU is lent: `python benchmarks/gpu_check.py [--json-out F]`.
+"""One-shot check of every GPU path: `python benchmarks/gpu_check.py [--checks NAME ...] [--json-out F]`.
 
 On a CUDA machine (one H200: about two minutes; nothing is fetched):
   e2e        the tiny checkpoint end to end on CUDA (Triton MoE, Triton decode attention, CUDA graphs
@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.gpu_timing import timed  # noqa: E402
 from engine.checkpoint import PRESETS, write_checkpoint  # noqa: E402
 from engine.fused_moe_triton import fused_moe_triton  # noqa: E402
 from engine.linear import Linear  # noqa: E402
@@ -60,42 +61,6 @@ from tests.moe_reference import reference_moe  # noqa: E402 - the fp32 loop the 
 
 Row = dict[str, Any]
 DEV = torch.device("cuda" if ON_GPU else "cpu")
-
-
-def timed(fn: Callable[[], Any], reps: int) -> tuple[float, float]:
-    """(median ms, peak GiB allocated) of `reps` calls after one warm-up.
-
-    NOTE: on a GPU, replays of a CUDA graph of one call, timed with CUDA events: the kernels'
-    own time, as the engine's graphed decode step runs them, without Python's launch overhead
-    (which alone took ~1 ms per fused-MoE call on an H200). Eager calls where capture fails.
-    """
-    fn()
-    if not ON_GPU:
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1000)
-        return sorted(times)[len(times) // 2], float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    run = fn
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        run = graph.replay
-    except RuntimeError as err:
-        print(f"    (no graph, timed eagerly: {str(err)[:100]})", flush=True)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -333,14 +298,21 @@ def check_nccl() -> list[Row]:
     return [{"check": "nccl 2 ranks", "ok": ok, "note": str(dict(results))}]
 
 
+CHECKS: dict[str, Callable[[], list[Row]]] = {
+    "e2e": check_e2e, "moe": check_moe, "fp8-linear": check_fp8_linear, "lora": check_lora,
+    "attention": check_attention, "decode": check_decode, "nccl": check_nccl,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json-out", type=Path, default=Path("gpu_check.json"))
+    parser.add_argument("--checks", nargs="+", choices=list(CHECKS), default=list(CHECKS), help="default: all")
     args = parser.parse_args()
     where = torch.cuda.get_device_name() if ON_GPU else "no GPU: CPU-side checks only (Triton interpreter, small shapes)"
     print(f"gpu_check on {where}; torch {torch.__version__}")
     rows: list[Row] = []
-    for check in (check_e2e, check_moe, check_fp8_linear, check_lora, check_attention, check_decode, check_nccl):
+    for check in (CHECKS[name] for name in args.checks):
         t = time.perf_counter()
         try:
             rows += check()

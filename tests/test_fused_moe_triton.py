@@ -35,10 +35,12 @@ def test_moe_align_block_size() -> None:
     assert sorted_ids.numel() % 4 == 0 and sorted_ids.numel() >= 12
 
 
-def test_tile_config_buckets() -> None:
-    assert fmt.tile_config(1)["BLOCK_M"] == 16 and fmt.tile_config(16)["BLOCK_M"] == 16
-    assert fmt.tile_config(17)["BLOCK_M"] == fmt.tile_config(64)["BLOCK_M"]
-    assert fmt.tile_config(257)["BLOCK_M"] >= fmt.tile_config(256)["BLOCK_M"]
+@pytest.mark.parametrize("fp8", [False, True])
+def test_tile_config_buckets(fp8: bool) -> None:
+    """16-bit and fp8 x fp8 dots: the decode buckets take short tiles, larger batches no shorter ones."""
+    assert fmt.tile_config(1, fp8)["BLOCK_M"] == 16 and fmt.tile_config(16, fp8)["BLOCK_M"] == 16
+    assert fmt.tile_config(17, fp8)["BLOCK_M"] == fmt.tile_config(64, fp8)["BLOCK_M"]
+    assert fmt.tile_config(257, fp8)["BLOCK_M"] >= fmt.tile_config(256, fp8)["BLOCK_M"]
 
 
 # fp32 matches to rounding; fp16/bf16 round the intermediate and the output like the torch path.

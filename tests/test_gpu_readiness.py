@@ -13,7 +13,7 @@ import torch
 
 import engine.parallel as parallel
 from engine.config import EngineConfig
-from engine.fused_moe_triton import _TILE_TABLE, SMEM_BUDGET, pipeline_stages
+from engine.fused_moe_triton import _TILES_16BIT, _TILES_FP8, SMEM_BUDGET, pipeline_stages
 from engine.linear import check_scaled_mm
 from engine.outputs import EngineDeadError
 from engine.parallel import TPGroup, init_group, rank_device
@@ -97,13 +97,15 @@ def test_scaled_mm_preconditions(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_moe_tiles_fit_shared_memory(a_bytes: int, b_bytes: int) -> None:
     """Every tile of the table, with fp32 / bf16 / fp8 operands, fits A100's and Hopper's shared memory."""
     assert SMEM_BUDGET <= 164 * 1024
-    for _, cfg in _TILE_TABLE:
+    for _, cfg in _TILES_16BIT + _TILES_FP8:
         stages = pipeline_stages(cfg, a_bytes, b_bytes)
         assert 1 <= stages <= cfg["num_stages"]
         assert stages * cfg["BLOCK_K"] * (cfg["BLOCK_M"] * a_bytes + cfg["BLOCK_N"] * b_bytes) <= SMEM_BUDGET
-    # bf16 tiles keep their full pipeline; fp32 128x128x64 gives up stages (4 would need 256 KiB).
-    big = _TILE_TABLE[-1][1]
-    assert pipeline_stages(big, 2, 2) == 4 and pipeline_stages(big, 4, 4) == 2
+    # Every table's tile keeps its full pipeline with the operands it is chosen for (16-bit, or
+    # fp8 x fp8); fp32 128x256x64 gives up stages (3 would need 288 KiB).
+    assert all(pipeline_stages(cfg, 2, 2) == cfg["num_stages"] for _, cfg in _TILES_16BIT)
+    assert all(pipeline_stages(cfg, 1, 1) == cfg["num_stages"] for _, cfg in _TILES_FP8)
+    assert pipeline_stages(_TILES_16BIT[-1][1], 4, 4) == 1
 
 
 def test_gpu_check_runs_its_cpu_side_checks_here(tmp_path) -> None:
