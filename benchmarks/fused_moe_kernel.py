@@ -50,7 +50,6 @@ D, I, E, TOP_K = 4096, 14336, 8, 2
 PEAK_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "L40S": 864.0}  # HBM / GDDR peak, GB/s
 
 
-
 def sweep_configs(num_tokens: int) -> list[dict[str, int]]:
     """Tile configs `--sweep` tries: short, wide tiles that stream weights for decode-sized
     batches (<= 64 tokens), square tiles grouped for L2 reuse for prefill-sized ones."""
