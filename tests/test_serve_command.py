@@ -18,7 +18,7 @@ import yaml
 
 import configs
 from mixtral_serve.cli import build_parser
-from mixtral_serve.ray_env import ray_env
+from mixtral_serve.ray_env import INGRESSES, ray_env
 from mixtral_serve.serve_command import overridden
 
 MODEL = "mixtral-tiny"
@@ -117,7 +117,7 @@ def _listener(port: int) -> str:
 _LISTENER = {"proxy": "ray::ProxyActor", "haproxy": "haproxy"}
 
 
-@pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
+@pytest.mark.parametrize("ingress", INGRESSES)
 def test_serve_runs_answers_exports_metrics_and_stops_on_sigterm(ingress: str) -> None:
     http, metrics, dashboard = _free_port(), _free_port(), _free_port()
     process = subprocess.Popen(
