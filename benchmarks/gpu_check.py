@@ -12,6 +12,8 @@ On a CUDA machine (one H200: about two minutes; nothing is fetched):
   decode     `bench engine` on the bench checkpoint and on 8x7B's shapes over two layers: decode
              tokens/s at batch 1 / 16 / 64 and TTFT, CUDA graphs on and off, bf16 and fp8 weights,
              against the roofline of streaming the weights at the GPU's measured read bandwidth
+  serving    the engine as a server runs it (`AsyncEngine`, its core in a process of its own) against
+             `LLM.generate`, alternate rounds on the bench checkpoint: tokens/s at 1 / 16 / 64 streams
   nccl       a 2-rank NCCL group (TPGroup.all_reduce and .min) when two GPUs are visible
 On a CPU-only machine it says so, runs the same kernels small under Triton's interpreter and the
 tiny checkpoint on the CPU engine, and exits 0. It prints one table and writes JSON.
@@ -27,6 +29,7 @@ referencing, rpds-py and llguidance, installed with `pip install --no-index --no
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -48,6 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.gpu_timing import timed  # noqa: E402
 from engine.checkpoint import PRESETS, write_checkpoint  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
 from engine.fused_moe_triton import fused_moe_triton  # noqa: E402
 from engine.linear import Linear  # noqa: E402
 from engine.llm import LLM  # noqa: E402
@@ -270,6 +274,34 @@ def check_decode() -> list[Row]:
     return rows
 
 
+# ---- the served engine -------------------------------------------------------------------------
+def check_serving() -> list[Row]:
+    """The engine as a server runs it, `AsyncEngine` with its core in a process of its own, against
+    `LLM.generate` in this process, in alternate rounds (benchmarks/engine_paths.py): what the core's
+    per-step hand-off costs once a step takes a GPU's milliseconds rather than a CPU's tens."""
+    from benchmarks.engine_paths import bench_engines
+
+    preset, levels, output_len, rounds = ("bench", [1, 16, 64], 128, 3) if ON_GPU else ("tiny", [1, 4], 8, 1)
+    ckpt = write_checkpoint(Path(tempfile.mkdtemp()) / "serving", PRESETS[preset], dtype="bfloat16")
+    config = EngineConfig(model=str(ckpt), device=DEV.type, dtype="bfloat16", load_progress=False,
+                          cache={"kv_cache_bytes": "2GiB" if ON_GPU else "16MiB"})
+    try:
+        measured = asyncio.run(bench_engines(config, levels, ["engine-sync", "engine-async"], input_len=32,
+                                             output_len=output_len, rounds=rounds))
+    finally:
+        shutil.rmtree(ckpt.parent, ignore_errors=True)
+    sync = {r.streams: r.total_tok_s for r in measured if r.path == "engine-sync"}
+    rows = []
+    for r in measured:
+        row = {"check": f"serving {r.path}", "shape": f"{preset} bf16 x{r.streams}, {output_len} tokens",
+               "ok": r.total_tok_s > 0, "tok/s": r.total_tok_s,
+               "note": f"{r.total_tok_s / sync[r.streams]:.2f}x engine-sync"}
+        if r.ttft_p50_ms is not None:
+            row |= {"ms": r.ttft_p50_ms, "note": row["note"] + f"; ms: TTFT p50 (p99 {r.ttft_p99_ms:.1f})"}
+        rows.append(row)
+    return rows
+
+
 # ---- NCCL ---------------------------------------------------------------------------------------
 def _nccl_rank(rank: int, init_method: str, results: Any) -> None:
     from engine.parallel import init_group
@@ -300,7 +332,7 @@ def check_nccl() -> list[Row]:
 
 CHECKS: dict[str, Callable[[], list[Row]]] = {
     "e2e": check_e2e, "moe": check_moe, "fp8-linear": check_fp8_linear, "lora": check_lora,
-    "attention": check_attention, "decode": check_decode, "nccl": check_nccl,
+    "attention": check_attention, "decode": check_decode, "serving": check_serving, "nccl": check_nccl,
 }
 
 

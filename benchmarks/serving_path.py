@@ -28,7 +28,6 @@ import asyncio
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
 
 import configs
+from benchmarks.engine_paths import PathResult, bench_engines
 from benchmarks.process_cpu import ProcessCpu
 from benchmarks.serve_bench import BenchConfig, run_benchmark
 from mixtral_serve.ray_env import ray_env
@@ -49,19 +48,6 @@ _BIN = Path(sys.executable).parent  # Ray's `serve` and `ray` commands, installe
 _PATHS = ("engine-sync", "engine-async", "serve", "serve-haproxy", "vllm")
 
 
-class PathResult(BaseModel):
-    path: str
-    streams: int
-    total_tok_s: float
-    per_stream_tok_s: float
-    ttft_p50_ms: float | None = None
-    ttft_p99_ms: float | None = None
-    itl_p99_ms: float | None = None
-    # Servers: % of one core each process group used while the level ran (benchmarks/process_cpu.py).
-    cpu_share: dict[str, float] = {}
-
-
-# ---- engine, in this process ---------------------------------------------------------------------
 def _engine_config(app: dict[str, Any], tier: str, model: Path) -> Any:
     from deployments.config import AppConfig
 
@@ -69,85 +55,6 @@ def _engine_config(app: dict[str, Any], tier: str, model: Path) -> Any:
     tier_config = config.tiers[tier]
     return tier_config.engine.model_copy(update={"model": str(model), "load_progress": False,
                                                  "scheduler": tier_config.tuning})
-
-
-def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    import random
-
-    rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
-
-
-async def bench_engines(config: Any, levels: list[int], args: argparse.Namespace,
-                        paths: list[str]) -> list[PathResult]:
-    """engine-sync and engine-async, loaded side by side and run in alternate rounds (each round `n`
-    prompts at once): a host whose speed drifts between minutes (a VM's neighbours) then moves both
-    alike, and the ratio between them holds."""
-    import numpy as np
-
-    from engine.async_engine import AsyncEngine
-    from engine.llm import LLM
-    from engine.sampling_params import SamplingParams
-
-    llm = LLM(config=config) if "engine-sync" in paths else None
-    engine = AsyncEngine(config) if "engine-async" in paths else None
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    front = llm.engine if llm else engine
-    assert front is not None, "no engine path asked for"
-    vocab = front.tokenizer.vocab_size
-    ids = iter(range(1 << 30))
-
-    async def one(prompt: list[int]) -> float:
-        assert engine is not None
-        t0 = time.perf_counter()
-        ttft = None
-        async for _ in engine.stream(f"r{next(ids)}", prompt, params):
-            ttft = ttft if ttft is not None else time.perf_counter() - t0
-        assert ttft is not None
-        return ttft
-
-    def timed_sync(prompts: list[list[int]]) -> float:
-        assert llm is not None
-        t = time.perf_counter()
-        llm.generate(prompts, params)
-        return time.perf_counter() - t
-
-    async def timed_async(prompts: list[list[int]]) -> tuple[float, list[float]]:
-        t = time.perf_counter()
-        ttfts = await asyncio.gather(*(one(p) for p in prompts))
-        return time.perf_counter() - t, ttfts
-
-    rows = []
-    try:
-        warm = _prompts(max(levels), args.input_len, vocab, 0)
-        if llm:
-            timed_sync(warm)
-        if engine:
-            await timed_async(warm)
-        for n in levels:
-            sync_rates, async_rates, ttfts = [], [], []
-            for r in range(args.rounds):  # a round: one request per stream, each engine in turn
-                prompts = _prompts(n, args.input_len, vocab, 1000 * n + r)
-                if llm:
-                    sync_rates.append(n * args.output_len / timed_sync(prompts))
-                if engine:
-                    seconds, round_ttfts = await timed_async(prompts)
-                    async_rates.append(n * args.output_len / seconds)
-                    ttfts += round_ttfts
-            if llm:
-                rate = statistics.median(sync_rates)
-                rows.append(PathResult(path="engine-sync", streams=n, total_tok_s=rate, per_stream_tok_s=rate / n))
-            if engine:
-                rate = statistics.median(async_rates)
-                p50, p99 = np.percentile(ttfts, [50, 99]).tolist()
-                rows.append(PathResult(path="engine-async", streams=n, total_tok_s=rate, per_stream_tok_s=rate / n,
-                                       ttft_p50_ms=p50 * 1e3, ttft_p99_ms=p99 * 1e3))
-    finally:
-        if engine:
-            await engine.shutdown()
-        if llm:
-            llm.engine.shutdown()
-    return rows
 
 
 # ---- servers, in their own processes -------------------------------------------------------------
@@ -282,7 +189,8 @@ def main(args: argparse.Namespace) -> None:
     engine_config = _engine_config(app_yaml["applications"][0], args.tier, args.model)
     rows: list[PathResult] = []
     if {"engine-sync", "engine-async"} & set(args.paths):
-        rows += asyncio.run(bench_engines(engine_config, args.streams, args, args.paths))
+        rows += asyncio.run(bench_engines(engine_config, args.streams, args.paths, input_len=args.input_len,
+                                          output_len=args.output_len, rounds=args.rounds))
     for path, ingress in (("serve", "proxy"), ("serve-haproxy", "haproxy")):
         if path in args.paths:
             rows += bench_serve(app_yaml, args.model, args.tier, args.streams, path, ingress, args)

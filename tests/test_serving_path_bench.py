@@ -1,16 +1,15 @@
 """`bench serving-path`'s engine paths on the tiny checkpoint: both engines side by side in
-alternate rounds, every level reported for each (benchmarks/serving_path.py)."""
+alternate rounds, every level reported for each (benchmarks/engine_paths.py)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks.serving_path import bench_engines
+from benchmarks.engine_paths import bench_engines
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.llm import LLM
@@ -34,8 +33,8 @@ def test_engine_paths_alternate_and_report_every_level(tiny_checkpoint: Path, mo
     monkeypatch.setattr(AsyncEngine, "stream", noted_stream)
     config = EngineConfig(model=str(tiny_checkpoint), dtype="float32", load_progress=False,
                           cache={"kv_cache_bytes": "8MiB"}, scheduler={"max_num_seqs": 4, "max_num_batched_tokens": 64})
-    args = argparse.Namespace(input_len=8, output_len=6, rounds=2)
-    rows = asyncio.run(bench_engines(config, [1, 3], args, ["engine-sync", "engine-async"]))
+    rows = asyncio.run(bench_engines(config, [1, 3], ["engine-sync", "engine-async"], input_len=8, output_len=6,
+                                     rounds=2))
 
     assert [(r.path, r.streams) for r in rows] == [("engine-sync", 1), ("engine-async", 1),
                                                    ("engine-sync", 3), ("engine-async", 3)]
