@@ -1,7 +1,9 @@
 """Tests for engine.tokenizer against mistral_common's reference encodings."""
 
 import shutil
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import mistral_common
 import pytest
@@ -252,6 +254,37 @@ def test_first_token_leading_space(ours, version: str) -> None:
     prompt = tokenizer.encode("The capital of France is", add_bos=True)
     assert tokenizer.detokenizer(prompt, continuation=True).step(paris) == " Paris"
     assert tokenizer.detokenizer(prompt, continuation=False).step(paris) == "Paris"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_piece_streams_as_decode_says(ours, version: str) -> None:
+    """The detokenizer's table path (one plain piece after emitted context) against SentencePiece's
+    Decode, for every id after contexts ending in a word, a lone space piece and a byte-fallback
+    character."""
+    tokenizer = ours[version]
+    sp = tokenizer._sp
+    for context in (tokenizer.encode("Hello"), [sp.PieceToId("\u2581")], tokenizer.encode("a🦙")):
+        before = sp.Decode(context)
+        for i in range(tokenizer.vocab_size):
+            if sp.IsByte(i):  # held back or joined with its neighbours: test_split_characters_are_held_back
+                continue
+            delta = tokenizer.detokenizer(context, continuation=True).step([i])
+            assert delta == sp.Decode(context + [i])[len(before):], (context, i, sp.IdToPiece(i))
+
+
+def test_plain_pieces_stream_without_decoding(ours) -> None:
+    tokenizer = ours["v3"]
+    calls: Counter[str] = Counter()
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            calls[name] += 1
+            return getattr(tokenizer._sp, name)
+
+    detok = tokenizer.detokenizer(tokenizer.encode("Say", add_bos=True), continuation=True)
+    detok._sp = Counting()
+    assert "".join(detok.step([i]) for i in tokenizer.encode("hello world, again")) == " hello world, again"
+    assert calls["Decode"] == 0
 
 
 def test_control_ids_mid_stream_do_not_eat_spaces(ours) -> None:
