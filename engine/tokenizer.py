@@ -12,6 +12,7 @@ Two chat formats are supported:
 import codecs
 import re
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,12 +104,6 @@ class Tokenizer:
         if chat_template not in ("mistral", "llama2-sys"):
             raise ValueError(f"unknown chat template {chat_template!r}; expected 'mistral' or 'llama2-sys'")
         self._sp = SentencePieceProcessor(model_file=str(model_file))
-        sp = self._sp
-        # Plain pieces' text for the streaming detokenizer's fast path; None for the ids whose text
-        # depends on their neighbours (byte fallback) or is not their piece (control, unknown).
-        self._plain_text: list[str | None] = [
-            None if sp.IsControl(i) or sp.IsByte(i) or sp.IsUnknown(i) or sp.IsUnused(i)
-            else piece.replace(_SPACE, " ") for i, piece in enumerate(sp.IdToPiece(list(range(sp.GetPieceSize()))))]
         self.chat_template: ChatTemplate = chat_template
         begin, end = self._sp.PieceToId("[INST]"), self._sp.PieceToId("[/INST]")
         # v2+ files carry [INST]/[/INST] as control pieces; in v1 they are plain text.
@@ -201,6 +196,16 @@ class Tokenizer:
         if plain is None or (plain != self._sp.unk_id() and self._sp.IdToPiece(plain) == rest):
             return ([plain] if plain is not None else []) + ids[1:]
         return [self._sp.PieceToId(f"<0x{b:02X}>") for b in rest.encode()] + ids[1:]  # byte fallback
+
+    @cached_property
+    def _plain_text(self) -> list[str | None]:
+        """Each id's text for the streaming detokenizer's table path; None where the text depends on
+        the neighbours (byte fallback) or is not the piece (control, unknown). Built on first use:
+        an engine's front, which only encodes, never pays for it."""
+        sp = self._sp
+        pieces = sp.IdToPiece(list(range(sp.GetPieceSize())))
+        return [None if sp.IsControl(i) or sp.IsByte(i) or sp.IsUnknown(i) or sp.IsUnused(i)
+                else piece.replace(_SPACE, " ") for i, piece in enumerate(pieces)]
 
     def detokenizer(self, prompt_ids: Sequence[int], continuation: bool) -> IncrementalDetokenizer:
         """Streams output text for a request.
