@@ -25,6 +25,13 @@ DEFAULT_INGRESS = "proxy"
 # at niceness 0). A value the operator exported is kept.
 _DEFAULTS = {"RAY_worker_niceness": "0"}
 
+# NOTE: behind HAProxy a stopping router replica stays reachable for this long before it refuses new
+# connections, so every HAProxy can drop it from its backends first (HAProxy retries a refused
+# connection on another replica). Serve's 30 s made each Ctrl-C of `mixtral-serve serve --ingress
+# haproxy` take 33 s, and every router replaced or scaled down linger as long; HAProxy reloads with a
+# new backend list in well under a second on a node, so 5 s keeps a wide margin.
+_HAPROXY_DEFAULTS = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
+
 
 def ray_env(ingress: str, current: dict[str, str]) -> dict[str, str]:
     """`current` (a process environment) with what a Ray node serving our app needs: the ingress
@@ -35,4 +42,5 @@ def ray_env(ingress: str, current: dict[str, str]) -> dict[str, str]:
     # moves when the replica is replaced: the proxy choice turns it off explicitly.
     chosen = ({"RAY_SERVE_ENABLE_HA_PROXY": "1"} if ingress == "haproxy" else
               {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"})
-    return _DEFAULTS | current | chosen
+    defaults = _DEFAULTS | (_HAPROXY_DEFAULTS if ingress == "haproxy" else {})
+    return defaults | current | chosen

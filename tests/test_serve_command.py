@@ -191,7 +191,11 @@ def test_serve_runs_answers_exports_metrics_and_stops_on_sigterm(ingress: str) -
 
 def test_ray_env_sets_the_ingress_chosen_and_keeps_the_operators_niceness() -> None:
     assert ray_env("haproxy", {"PATH": "/bin"}) == {"PATH": "/bin", "RAY_worker_niceness": "0",
-                                                    "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+                                                    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                                                    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
+    # An operator's drain window is kept.
+    assert ray_env("haproxy", {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "30"})[
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
     proxy = ray_env("proxy", {"RAY_worker_niceness": "5", "RAY_SERVE_ENABLE_HA_PROXY": "1"})
     assert proxy == {"RAY_worker_niceness": "5", "RAY_SERVE_ENABLE_HA_PROXY": "0",
                      "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}

@@ -68,6 +68,18 @@ def test_push_interval_reaches_serve_both_ways_without_a_deprecation_warning() -
         assert replica._deployment_config.autoscaling_config.metrics_interval_s == intervals[name]
 
 
+def test_stopping_replicas_look_for_finished_requests_often() -> None:
+    """Serve's 2 s poll kept a replica with nothing in flight alive for 2-4 s after every
+    scale-down or shutdown; each deployment of the app polls at most every half second."""
+    router = build_app(app_args("local.yaml"))._bound_deployment
+    deployments = [router, *(handle._bound_deployment for handle in router.init_args[0].values())]
+    assert len(deployments) == 4
+    for deployment in deployments:
+        config = deployment._deployment_config
+        assert config.graceful_shutdown_wait_loop_s <= 0.5, deployment.name
+        assert config.graceful_shutdown_timeout_s >= config.graceful_shutdown_wait_loop_s
+
+
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_gpu_profiles_validate_against_the_real_shapes(tmp_path: Path, name: str) -> None:
     (tmp_path / "config.json").write_text(json.dumps(SHAPES[name].to_hf()))
