@@ -29,6 +29,20 @@ class PathResult(BaseModel):
     itl_p99_ms: float | None = None
     # Servers: % of one core each process group used while the level ran (benchmarks/process_cpu.py).
     cpu_share: dict[str, float] = {}
+    # The engine's own count meanwhile: steps a second of the level's whole run (gaps between a
+    # stream's requests included) and generated tokens a step (how full its batches ran), which tells
+    # slower steps from batches the path kept from filling. None: not read.
+    steps_per_s: float | None = None
+    tokens_per_step: float | None = None
+
+
+def step_rates(runs: list[tuple[float, int]], tokens_per_run: int) -> dict[str, float | None]:
+    """PathResult's step fields from runs of (seconds, the engine's steps meanwhile), each run
+    generating `tokens_per_run` tokens."""
+    seconds, steps = sum(s for s, _ in runs), sum(k for _, k in runs)
+    if steps <= 0 or seconds <= 0:
+        return {"steps_per_s": None, "tokens_per_step": None}
+    return {"steps_per_s": steps / seconds, "tokens_per_step": tokens_per_run * len(runs) / steps}
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -58,16 +72,19 @@ async def bench_engines(config: EngineConfig, levels: list[int], paths: list[str
         assert ttft is not None
         return ttft
 
-    def timed_sync(prompts: list[list[int]]) -> float:
+    def timed_sync(prompts: list[list[int]]) -> tuple[float, int]:
+        """Seconds and engine steps of one round."""
         assert llm is not None
-        t = time.perf_counter()
+        t, before = time.perf_counter(), llm.engine.stats().steps_total
         llm.generate(prompts, params)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, llm.engine.stats().steps_total - before
 
-    async def timed_async(prompts: list[list[int]]) -> tuple[float, list[float]]:
-        t = time.perf_counter()
+    async def timed_async(prompts: list[list[int]]) -> tuple[float, int, list[float]]:
+        """Seconds, engine steps (the core's last report) and first-token times of one round."""
+        assert engine is not None
+        t, before = time.perf_counter(), engine.stats().steps_total
         ttfts = await asyncio.gather(*(one(p) for p in prompts))
-        return time.perf_counter() - t, ttfts
+        return time.perf_counter() - t, engine.stats().steps_total - before, ttfts
 
     rows = []
     try:
@@ -77,23 +94,28 @@ async def bench_engines(config: EngineConfig, levels: list[int], paths: list[str
         if engine:
             await timed_async(warm)
         for n in levels:
-            sync_rates, async_rates, ttfts = [], [], []
+            sync_runs: list[tuple[float, int]] = []  # (seconds, steps) a round
+            async_runs: list[tuple[float, int]] = []
+            ttfts: list[float] = []
             for r in range(rounds):  # a round: one request per stream, each engine in turn
                 prompts = _prompts(n, input_len, vocab, 1000 * n + r)
                 if llm:
-                    sync_rates.append(n * output_len / timed_sync(prompts))
+                    sync_runs.append(timed_sync(prompts))
                 if engine:
-                    seconds, round_ttfts = await timed_async(prompts)
-                    async_rates.append(n * output_len / seconds)
+                    seconds, steps, round_ttfts = await timed_async(prompts)
+                    async_runs.append((seconds, steps))
                     ttfts += round_ttfts
+            tokens = n * output_len  # a round's
             if llm:
-                rate = statistics.median(sync_rates)
-                rows.append(PathResult(path="engine-sync", streams=n, total_tok_s=rate, per_stream_tok_s=rate / n))
+                rate = statistics.median(tokens / seconds for seconds, _ in sync_runs)
+                rows.append(PathResult(path="engine-sync", streams=n, total_tok_s=rate, per_stream_tok_s=rate / n,
+                                       **step_rates(sync_runs, tokens)))
             if engine:
-                rate = statistics.median(async_rates)
+                rate = statistics.median(tokens / seconds for seconds, _ in async_runs)
                 p50, p99 = np.percentile(ttfts, [50, 99]).tolist()
                 rows.append(PathResult(path="engine-async", streams=n, total_tok_s=rate, per_stream_tok_s=rate / n,
-                                       ttft_p50_ms=p50 * 1e3, ttft_p99_ms=p99 * 1e3))
+                                       ttft_p50_ms=p50 * 1e3, ttft_p99_ms=p99 * 1e3,
+                                       **step_rates(async_runs, tokens)))
     finally:
         if engine:
             await engine.shutdown()

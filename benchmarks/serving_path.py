@@ -16,9 +16,11 @@ another:
 
 Both servers are driven by the same streaming client as `bench serve` (benchmarks/serve_load.py):
 `streams` closed-loop users, `--rounds` requests each, greedy, exact output lengths. Reported per
-level: total and per-stream tokens/s, TTFT p50/p99, and each path's share of engine-sync; for the
-servers also the CPU each process group used meanwhile (engine core, replicas, router, Serve's
-proxy and controller, Ray's daemons, the client: benchmarks/process_cpu.py).
+level: total and per-stream tokens/s, TTFT p50/p99, each path's share of engine-sync, and the
+engine's own steps a second and tokens a step (slower steps, or batches the path kept from filling:
+our server's from its stats route); for the servers also the CPU each process group used meanwhile
+(engine core, replicas, router, Serve's proxy and controller, Ray's daemons, the client:
+benchmarks/process_cpu.py).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from typing import Any
 import yaml
 
 import configs
-from benchmarks.engine_paths import PathResult, bench_engines
+from benchmarks.engine_paths import PathResult, bench_engines, step_rates
 from benchmarks.process_cpu import ProcessCpu
 from benchmarks.serve_bench import BenchConfig, run_benchmark
 from mixtral_serve.ray_env import ray_env
@@ -83,20 +85,37 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def _engine_steps(base_url: str, tier: str | None) -> tuple[str, int] | None:
+    """(replica id, steps so far) of the tier's engine, from our server's stats route; None for vLLM."""
+    if tier is None:
+        return None
+    with urllib.request.urlopen(f"{base_url.removesuffix('/v1')}/{tier}/stats", timeout=30) as reply:
+        stats = json.load(reply)
+    return stats["replica_id"], stats["steps_total"]
+
+
 def _drive(path: str, base_url: str, tier: str | None, levels: list[int], args: argparse.Namespace) -> list[PathResult]:
     rows = []
     for n in levels:
         config = BenchConfig(base_url=base_url, tiers=[tier] if tier else [], concurrency=n,
                              num_requests=n * args.rounds, warmup=n, input_len=args.input_len,
                              output_len=args.output_len, progress=False)
+        before = _engine_steps(base_url, tier)
         with ProcessCpu() as cpu:
+            t0 = time.perf_counter()
             run = asyncio.run(run_benchmark(config)).runs[0]
+            seconds = time.perf_counter() - t0
+        after = _engine_steps(base_url, tier)
+        steps: dict[str, float | None] = {}
+        if before is not None and after is not None and before[0] == after[0]:  # one replica served it all
+            # Over the whole drive, warm-up included: every request generates exactly output_len tokens.
+            steps = step_rates([(seconds, after[1] - before[1])], (config.warmup + n * args.rounds) * args.output_len)
         if run.failed or run.rejected:
             print(f"{path} at {n} streams: {run.failed} failed, {run.rejected} rejected: {run.errors}", file=sys.stderr)
         rows.append(PathResult(
             path=path, streams=n, total_tok_s=run.output_tok_s, per_stream_tok_s=run.per_session_tok_s or 0.0,
             ttft_p50_ms=run.ttft_ms.p50 if run.ttft_ms else None, ttft_p99_ms=run.ttft_ms.p99 if run.ttft_ms else None,
-            itl_p99_ms=run.itl_ms.p99 if run.itl_ms else None, cpu_share=cpu.shares,
+            itl_p99_ms=run.itl_ms.p99 if run.itl_ms else None, cpu_share=cpu.shares, **steps,
         ))
     return rows
 
@@ -143,7 +162,8 @@ def print_table(rows: list[PathResult]) -> None:
 
     sync = {r.streams: r.total_tok_s for r in rows if r.path == "engine-sync"}
     table = Table(title="serving path: tokens/s and first-token time per layer (medians over rounds)")
-    for col in ("path", "streams", "total tok/s", "per stream", "x engine-sync", "TTFT p50", "TTFT p99", "ITL p99"):
+    for col in ("path", "streams", "total tok/s", "per stream", "x engine-sync", "TTFT p50", "TTFT p99", "ITL p99",
+                "steps/s", "tok/step"):
         table.add_column(col, justify="left" if col == "path" else "right")
 
     def ms(v: float | None) -> str:
@@ -152,8 +172,10 @@ def print_table(rows: list[PathResult]) -> None:
     for r in rows:
         ratio = f"{r.total_tok_s / sync[r.streams]:.2f}" if r.streams in sync else "-"
         table.add_row(r.path, str(r.streams), f"{r.total_tok_s:,.0f}", f"{r.per_stream_tok_s:,.0f}", ratio,
-                      ms(r.ttft_p50_ms), ms(r.ttft_p99_ms), ms(r.itl_p99_ms))
-    console = Console(width=max(Console().width, 110))
+                      ms(r.ttft_p50_ms), ms(r.ttft_p99_ms), ms(r.itl_p99_ms),
+                      "-" if r.steps_per_s is None else f"{r.steps_per_s:,.0f}",
+                      "-" if r.tokens_per_step is None else f"{r.tokens_per_step:.1f}")
+    console = Console(width=max(Console().width, 130))
     console.print(table)
     served = [r for r in rows if r.cpu_share]
     if served:

@@ -41,5 +41,8 @@ def test_engine_paths_alternate_and_report_every_level(tiny_checkpoint: Path, mo
     assert all(r.total_tok_s > 0 and r.per_stream_tok_s * r.streams == pytest.approx(r.total_tok_s) for r in rows)
     assert all(r.ttft_p50_ms is not None and 0 < r.ttft_p50_ms <= r.ttft_p99_ms  # type: ignore[operator]
                for r in rows if r.path == "engine-async")
+    # Each step yields at most one token a stream; a greedy round of n streams takes at least output_len steps.
+    assert all(r.steps_per_s is not None and r.steps_per_s > 0 for r in rows)
+    assert all(r.tokens_per_step is not None and 1 <= r.tokens_per_step <= r.streams for r in rows)
     turns = [who for i, who in enumerate(order) if i == 0 or order[i - 1] != who]
     assert turns == ["sync", "async"] * (1 + 2 * 2)  # the warm-up, then each level's two rounds
