@@ -139,11 +139,21 @@ def bench_serve(app_yaml: dict[str, Any], model: Path, tier: str, levels: list[i
             subprocess.run([str(_BIN / "ray"), "stop", "--force"], capture_output=True, check=False)
 
 
+def vllm_openmp(python: str) -> Path | None:
+    """The Intel OpenMP of the venv `python` belongs to, which vLLM's CPU docs ask to preload.
+
+    NOTE: not `resolve()`: a venv's bin/python is a link to the interpreter it was made from, so the
+    resolved path names that interpreter's folder, without the venv's libraries (the peer ran on GNU
+    OpenMP until this was found)."""
+    iomp = Path(python).absolute().parent.parent / "lib" / "libiomp5.so"
+    return iomp if iomp.exists() else None
+
+
 def bench_vllm(python: str, model: Path, dtype: str, levels: list[int], args: argparse.Namespace) -> list[PathResult]:
     port = 8011
     env = dict(os.environ)
-    iomp = Path(python).resolve().parent.parent / "lib" / "libiomp5.so"
-    if iomp.exists():  # vLLM's CPU docs: Intel OpenMP, and its default core reservation for the frontend
+    iomp = vllm_openmp(python)
+    if iomp is not None:  # vLLM's CPU docs: Intel OpenMP, and its default core reservation for the frontend
         env["LD_PRELOAD"] = str(iomp)
     cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype", dtype,
            "--max-model-len", "2048", "--gpu-memory-utilization", "0.5", "--host", "127.0.0.1", "--port", str(port)]

@@ -4,12 +4,14 @@ alternate rounds, every level reported for each (benchmarks/engine_paths.py)."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks.engine_paths import bench_engines
+from benchmarks.serving_path import vllm_openmp
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.llm import LLM
@@ -46,3 +48,15 @@ def test_engine_paths_alternate_and_report_every_level(tiny_checkpoint: Path, mo
     assert all(r.tokens_per_step is not None and 1 <= r.tokens_per_step <= r.streams for r in rows)
     turns = [who for i, who in enumerate(order) if i == 0 or order[i - 1] != who]
     assert turns == ["sync", "async"] * (1 + 2 * 2)  # the warm-up, then each level's two rounds
+
+
+def test_the_vllm_peer_gets_its_venvs_intel_openmp(tmp_path: Path) -> None:
+    """A venv's python is a link to the interpreter it was made from: the library is looked up in the
+    venv, not beside that interpreter."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    assert vllm_openmp(str(venv / "bin" / "python")) is None  # no Intel OpenMP installed: none preloaded
+    (venv / "lib").mkdir()
+    (venv / "lib" / "libiomp5.so").write_bytes(b"")
+    assert vllm_openmp(str(venv / "bin" / "python")) == venv / "lib" / "libiomp5.so"
