@@ -6,6 +6,7 @@ CUDA (benchmarks/gpu_check.py). Engine imports only: no Ray, no HTTP client."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import statistics
 import time
@@ -57,6 +58,9 @@ async def bench_engines(config: EngineConfig, levels: list[int], paths: list[str
     neighbours) then moves both alike, and the ratio between them holds."""
     llm = LLM(config=config) if "engine-sync" in paths else None
     engine = AsyncEngine(config) if "engine-async" in paths else None
+    # The loads' objects out of the collector's walks, as our server's processes do (engine/engine_core.py);
+    # thawed at the end, for a caller that goes on.
+    gc.freeze()
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     front = llm.engine if llm else engine
     assert front is not None, "no engine path asked for"
@@ -117,6 +121,7 @@ async def bench_engines(config: EngineConfig, levels: list[int], paths: list[str
                                        ttft_p50_ms=p50 * 1e3, ttft_p99_ms=p99 * 1e3,
                                        **step_rates(async_runs, tokens)))
     finally:
+        gc.unfreeze()
         if engine:
             await engine.shutdown()
         if llm:

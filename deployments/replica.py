@@ -9,6 +9,7 @@ never leave it; it never imports torch itself.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -103,6 +104,7 @@ class ModelReplica:
         self._context_len = len(self.tokenizer.decode([self._context_id]))
         self._token_texts: dict[int, str] = {}  # bounded by the vocabulary
         self._adapters_checked: set[str] = set()  # LoRARequest keys this replica checked
+        gc.freeze()  # what start-up left, out of the collector's walks (as the engine core: engine/engine_core.py)
 
     # ---- Serve hooks -----------------------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:

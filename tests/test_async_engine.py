@@ -8,24 +8,34 @@ loop that started it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from multiprocessing import Pipe
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 import torch
 
+from engine import engine_core
 from engine.async_engine import AsyncEngine
 from engine.checkpoint import PRESETS
 from engine.config import EngineConfig
-from engine.engine_core import ProcessCore, StepReport
+from engine.engine_core import SHUTDOWN, CoreInfo, ProcessCore, StepReport
 from engine.llm_engine import LLMEngine
 from engine.model_runner import StepOutput, kv_bytes_per_block
-from engine.outputs import ChoiceDelta, EngineDeadError, RequestError, RequestFailedError, RequestOutput
+from engine.outputs import (
+    ChoiceDelta,
+    EngineDeadError,
+    RequestError,
+    RequestFailedError,
+    RequestOutput,
+)
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq
 from tests.engine_support import count_handoffs
@@ -583,3 +593,23 @@ def test_outputs_before_a_failure_in_one_read_still_reach_the_reader(ckpt: Path)
         await engine.shutdown()
 
     run(main)
+
+
+def test_the_core_process_freezes_what_its_load_left(ckpt: Path) -> None:
+    """Held outputs and reports make a core's steps allocate; the collector then must not walk the
+    load's objects (torch's modules, the tokenizer's tables) each time. The core's loop, run here on a
+    thread so its heap is this process's."""
+    gc.unfreeze()
+    front, core = Pipe()
+    loop = threading.Thread(target=engine_core.serve, args=(core,), daemon=True)
+    loop.start()
+    try:
+        assert gc.get_freeze_count() == 0
+        front.send(config(ckpt))
+        assert isinstance(front.recv(), CoreInfo)
+        assert gc.get_freeze_count() > 0  # frozen before the core reported ready
+    finally:
+        front.send(SHUTDOWN)
+        loop.join(timeout=60)
+        gc.unfreeze()
+    assert not loop.is_alive()
