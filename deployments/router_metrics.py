@@ -86,7 +86,15 @@ class MetricsMiddleware:
 
         async def watch_receive() -> Message:
             nonlocal disconnected
-            message = await receive()
+            try:
+                message = await receive()
+            except TaskCancelledError:
+                # NOTE: how Serve's receive reports a client gone while the router waited for its
+                # body or its disconnect (the proxy's side of the request was cancelled; Serve maps
+                # the other such case to a disconnect itself). Raised, it escaped a streaming
+                # response's disconnect listener and Starlette logged a traceback for a client that
+                # merely left.
+                message = {"type": "http.disconnect"}
             if message["type"] == "http.disconnect" and not complete:
                 disconnected = True
             return message
