@@ -23,7 +23,6 @@ parameters.
 """
 
 import asyncio
-import gc
 import logging
 import time
 import uuid
@@ -157,7 +156,6 @@ class Router:
         # node's address, not loopback: replicas may run on other nodes.
         self.channel = ChannelServer()
         self._channel_host = ray.util.get_node_ip_address()
-        gc.freeze()  # what start-up left, out of the collector's walks (as the engine core: engine/engine_core.py)
 
     # ---- routing helpers ------------------------------------------------------------------
     def _tier(self, tier: str | None) -> str:

@@ -297,9 +297,9 @@ def serve(conn: Connection) -> None:
     # frozen, the collector stops walking it. Held outputs and reports make the steps allocate a lot,
     # and each collection walked that whole heap: with 64 streams of the tiny checkpoint this loop took
     # 4.5 ms a step against the synchronous engine's 3.5 (0.7 ms in the collector; pickling a report
-    # 25 ms instead of 6), 3.9 frozen. The front's processes (a Serve replica, the router) freeze theirs
-    # too: a front reading those reports spent 17% of its time in the collector. vLLM's engine core
-    # freezes its heap after start-up for the same reason.
+    # 25 ms instead of 6), 3.9 frozen. A Serve replica, the front reading those reports, freezes its
+    # own too (17% of a front's time went to the collector). vLLM's engine core freezes its heap after
+    # start-up for the same reason.
     gc.freeze()
     conn.send(core.info())
     try:
