@@ -29,13 +29,7 @@ from engine.config import EngineConfig
 from engine.engine_core import SHUTDOWN, CoreInfo, ProcessCore, StepReport
 from engine.llm_engine import LLMEngine
 from engine.model_runner import StepOutput, kv_bytes_per_block
-from engine.outputs import (
-    ChoiceDelta,
-    EngineDeadError,
-    RequestError,
-    RequestFailedError,
-    RequestOutput,
-)
+from engine.outputs import ChoiceDelta, EngineDeadError, RequestError, RequestFailedError, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq
 from tests.engine_support import count_handoffs
