@@ -22,8 +22,8 @@ import torch
 from engine.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
-# NOTE: exponential_ may return exactly 0 on some backends; 0/0 would be NaN, which argmax
-# treats as the maximum, so a zero-probability token could win. Clamp the noise instead.
+# NOTE: a uniform draw of exactly 1 (outside [0, 1) but cheap to rule out) would make a token's
+# noise 0 and 0/0 NaN, which argmax treats as the maximum: a zero-probability token could win.
 _TINY = torch.finfo(torch.float32).tiny
 _SEED_MASK = (1 << 64) - 1  # torch seeds are 64-bit; fold any Python int (e.g. negative) into range
 
@@ -297,17 +297,25 @@ def _exponential_noise(
     """
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if len(unseeded) == len(generators):
-        noise = torch.empty(len(generators), vocab_size, device=device).exponential_()  # [R, V]
-        return noise.clamp_min_(_TINY)
+        return _exponential(torch.empty(len(generators), vocab_size, device=device))  # [R, V]
     noise = torch.empty(len(generators), vocab_size, device=device)  # [R, V]
     if unseeded:
-        shared = torch.empty(len(unseeded), vocab_size, device=device).exponential_()  # [U, V]
+        shared = _exponential(torch.empty(len(unseeded), vocab_size, device=device))  # [U, V]
         noise[torch.tensor(unseeded, device=device)] = shared
     for i, generator in enumerate(generators):
         if generator is not None:
-            own = torch.empty(vocab_size, device=generator.device)  # [V]
-            noise[i] = own.exponential_(generator=generator)
-    return noise.clamp_min_(_TINY)
+            noise[i] = _exponential(torch.empty(vocab_size, device=generator.device), generator)  # [V]
+    return noise
+
+
+def _exponential(out: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fills `out` with Exp(1) draws, -log(U) for U ~ Uniform[0, 1), and returns it.
+
+    NOTE: not `exponential_`: on the CPU it draws ~5x slower than a uniform draw and a vectorised
+    log together (16 rows of a 32,768-token vocabulary: 10 ms against 2, single-threaded either
+    way), and a sampled decode step of a small model spent over half its time there.
+    """
+    return out.uniform_(generator=generator).log_().neg_().clamp_min_(_TINY)
 
 
 def _gather_logprobs(
