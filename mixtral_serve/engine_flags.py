@@ -58,16 +58,35 @@ def add_engine_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] =
                                metavar=None if choices else flag.upper())
 
 
-def given_engine_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The engine settings given on the command line, nested as EngineConfig's fields."""
+def given_engine_flags(args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The engine settings given on the command line, nested as EngineConfig's fields (less `exclude`,
+    dests a command gives a meaning of its own)."""
     data: dict[str, Any] = {}
     for _, dest, _ in _flags():
-        value = getattr(args, dest, None)
+        value = None if dest in exclude else getattr(args, dest, None)
         if value is None:
             continue
         *section, name = dest.split(".")
         (data.setdefault(section[0], {}) if section else data)[name] = value
     return data
+
+
+def tier_settings(args: argparse.Namespace, exclude: tuple[str, ...] = ()) -> tuple[str | None, dict[str, Any]]:
+    """The model given, and the other flags as a serving config's tier writes them (`engine`, and
+    the scheduler's in `tuning`), typed through EngineConfig so the config carries 7, not "7"."""
+    given = given_engine_flags(args, exclude)
+    engine = EngineConfig.model_validate(given).model_dump(mode="json", exclude_unset=True)
+    model = engine.pop("model", None)
+    return model, {"engine": engine, "tuning": engine.pop("scheduler", {})}
+
+
+def lay_over(into: dict[str, Any], given: dict[str, Any]) -> None:
+    """Writes `given` over `into`, section by section (a config's `cache`, say, keeps its other keys)."""
+    for key, value in given.items():
+        if isinstance(value, dict):
+            lay_over(into.setdefault(key, {}), value)
+        else:
+            into[key] = value
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

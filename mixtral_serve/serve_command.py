@@ -24,8 +24,7 @@ from typing import Any
 import yaml
 
 import configs
-from engine.config import EngineConfig
-from mixtral_serve.engine_flags import add_engine_flags, given_engine_flags
+from mixtral_serve.engine_flags import add_engine_flags, lay_over, tier_settings
 from mixtral_serve.ray_env import DEFAULT_INGRESS, INGRESSES, ray_env
 
 _OUR_APP = "deployments.app:build_app"
@@ -70,10 +69,7 @@ def overridden(config: dict[str, Any], args: argparse.Namespace) -> dict[str, An
     ours = [a for a in config.get("applications", []) if a.get("import_path") == _OUR_APP]
     if not ours:
         raise ValueError(f"{args.config}: no application with import_path {_OUR_APP}")
-    # Typed through the engine's own model, so the deployed config carries 7, not "7".
-    flags = EngineConfig.model_validate(given_engine_flags(args)).model_dump(mode="json", exclude_unset=True)
-    model = flags.pop("model", None)
-    tuning = flags.pop("scheduler", {})
+    model, settings = tier_settings(args)
     tiers = _tiers(args.tier)
     for app in ours:
         app_args = app.setdefault("args", {})
@@ -90,17 +86,8 @@ def overridden(config: dict[str, Any], args: argparse.Namespace) -> dict[str, An
             if app_args.get("default_tier") not in all_tiers:
                 app_args["default_tier"] = tiers[0]
         for tier in all_tiers.values():
-            _merge(tier.setdefault("engine", {}), flags)
-            _merge(tier.setdefault("tuning", {}), tuning)
+            lay_over(tier, settings)
     return config
-
-
-def _merge(into: dict[str, Any], given: dict[str, Any]) -> None:
-    for key, value in given.items():
-        if isinstance(value, dict):
-            _merge(into.setdefault(key, {}), value)
-        else:
-            into[key] = value
 
 
 def _endpoints(config: dict[str, Any], args: argparse.Namespace) -> str:

@@ -3,6 +3,7 @@ alternate rounds, every level reported for each (benchmarks/engine_paths.py)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from benchmarks.engine_paths import bench_engines
-from benchmarks.serving_path import vllm_openmp
+from benchmarks.serving_path import add_arguments, served_config, vllm_openmp
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.llm import LLM
@@ -60,3 +61,18 @@ def test_the_vllm_peer_gets_its_venvs_intel_openmp(tmp_path: Path) -> None:
     (venv / "lib").mkdir()
     (venv / "lib" / "libiomp5.so").write_bytes(b"")
     assert vllm_openmp(str(venv / "bin" / "python")) == venv / "lib" / "libiomp5.so"
+
+
+def test_engine_flags_lay_over_the_benchmarked_tier() -> None:
+    """Every path runs the tier's settings with the flags given over them; the command's own `--model`
+    (a folder, not EngineConfig's) stays out of them."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", "/tmp/some-checkpoint", "--dtype", "bfloat16", "--cpu-threads", "2",
+                              "--max-num-seqs", "8"])
+    config = served_config(args)
+    tier = config["applications"][0]["args"]["tiers"]["throughput"]
+    assert tier["engine"]["cpu_threads"] == 2 and tier["engine"]["dtype"] == "bfloat16"  # local.yaml: 1, float32
+    assert tier["engine"]["cache"]["kv_cache_bytes"] == "128MiB"  # what no flag names is kept
+    assert tier["tuning"]["max_num_seqs"] == 8 and tier["tuning"]["stream_flush_ms"] == 50
+    assert config["applications"][0]["args"]["model"] is None
