@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -90,23 +91,24 @@ class ReplicaMetrics:
             async with aclosing(batches):
                 async for batch in batches:
                     for out in batch:
-                        # NOTE: when the engine made it, not when it arrived here: a stream's outputs
-                        # are handed over several steps at a time (its flush interval).
-                        made = out.produced_at
+                        # NOTE: when the engine made each step's tokens, not when they arrived here: a
+                        # stream's steps are handed over several at a time (its flush interval).
+                        times = out.step_times
                         if last is None:
-                            pending[m.TTFT].append(made - arrival)
+                            pending[m.TTFT].append(times[0] - arrival)
                             if out.queue_time is not None:
                                 pending[m.QUEUE_TIME].append(out.queue_time)
                         else:
-                            pending[m.ITL].append(made - last)
-                        last = made
+                            pending[m.ITL].append(times[0] - last)
+                        pending[m.ITL].extend(b - a for a, b in itertools.pairwise(times))
+                        last = times[-1]
                         for choice in out.choices:
                             if choice.finish_reason is not None:
                                 self._finished[choice.finish_reason] += 1
                                 unfinished -= 1
                         generated = out.num_output_tokens
                         if out.finished:
-                            pending[m.E2E].append(made - arrival)
+                            pending[m.E2E].append(last - arrival)
                             pending[m.REQUEST_PROMPT_TOKENS].append(out.num_prompt_tokens)
                             pending[m.REQUEST_GENERATION_TOKENS].append(out.num_output_tokens)
                     yield batch

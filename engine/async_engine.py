@@ -116,9 +116,10 @@ class AsyncEngine:
         lora: LoRARequest | None = None,
         whole: bool = False,
     ) -> AsyncIterator[list[RequestOutput]]:
-        """Yields every `RequestOutput` that arrived since the previous read (one per step that
-        produced tokens, in order; the last with `finished`). The first arrives at once, later ones
-        every `stream_flush_ms` (engine/output_hold.py); `whole`: all of them in one read at the end.
+        """Yields every `RequestOutput` that arrived since the previous read, in order, the last with
+        `finished`. The first (one step's tokens) arrives at once, later ones every `stream_flush_ms`,
+        each the steps held meanwhile merged into one (engine/output_hold.py); `whole`: everything
+        in one output at the end.
 
         Leaving the loop early (client gone, task cancelled) aborts the request.
         Raises `RequestError` before any work when the request can never complete.

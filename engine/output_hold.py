@@ -4,11 +4,15 @@ A stream's first output and its last (finished, failed or aborted) go at once; t
 until the request's flush time: `SchedulerConfig.stream_flush_ms` after its previous delivery,
 widened so that all the engine's requests together stay under `stream_max_messages_per_s`.
 A request run `whole` (a non-streamed reply) gets everything in one delivery when it finishes.
+The steps held for a request merge into one output (`RequestOutput.merge`), with each step's time.
 
 NOTE: the engine core holds them, before they cross to the front: a held step then costs the
 front nothing (no report to read, no event-loop or reader wake-up), where holding them in the
 front still paid a hand-off and a wake-up per step and stream. On a host whose cores the step
 threads share with the server, that per-step front work was ~10% of a core at any stream count.
+Merged, a delivery is a handful of objects whatever the steps it holds, where one output a step
+(with its choice, token list and text) made the core pickle, and the front unpickle and walk,
+~5 objects per token.
 """
 
 from __future__ import annotations
@@ -45,7 +49,11 @@ class OutputHold:
     def take(self, outputs: list[RequestOutput], now: float, interval: float) -> list[RequestOutput]:
         """What to deliver after a step that made `outputs` (in order per request); holds the rest."""
         for out in outputs:
-            self._held.setdefault(out.request_id, []).append(out)
+            held = self._held.setdefault(out.request_id, [])
+            if held and held[-1].error is None and out.error is None:
+                held[-1].merge(out)
+            else:  # a failure stays an output of its own, after the tokens before it
+                held.append(out)
             if _ends(out):
                 self._due[out.request_id] = -math.inf
         ready: list[RequestOutput] = []

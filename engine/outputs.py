@@ -63,14 +63,31 @@ class RequestOutput:
     num_output_tokens: int  # all choices, so far
     queue_time: float | None = None  # seconds from arrival to first schedule
     error: str | None = None  # set when the engine failed this request
-    # time.monotonic() when the engine made it (one clock for every process of the host): a reader
-    # handed several steps' outputs at once still sees when each token came.
-    produced_at: float = field(default_factory=time.monotonic)
+    # time.monotonic() of each engine step whose tokens this carries (one clock for every process of
+    # the host): the steps a stream's flush interval held arrive merged into one output
+    # (engine/output_hold.py), and its reader still sees when each step's tokens came.
+    step_times: list[float] = field(default_factory=lambda: [time.monotonic()])
 
     def __reduce__(self) -> tuple[type, tuple]:
         return RequestOutput, (self.request_id, self.choices, self.finished, self.num_prompt_tokens,
                                self.num_cached_tokens, self.num_output_tokens, self.queue_time, self.error,
-                               self.produced_at)
+                               self.step_times)
+
+    def merge(self, later: RequestOutput) -> None:
+        """Takes in the next output of the same request (neither failed): its tokens, text and
+        logprobs appended to each choice's, its state (finished, counts) in place of this one's."""
+        for delta in later.choices:
+            mine = next((c for c in self.choices if c.index == delta.index), None)
+            if mine is None:  # a choice with no token in this output's steps yet
+                self.choices.append(delta)
+                continue
+            mine.token_ids += delta.token_ids
+            mine.text += delta.text
+            mine.logprobs += delta.logprobs
+            mine.finish_reason, mine.stop_reason = delta.finish_reason, delta.stop_reason
+        self.finished = later.finished
+        self.num_output_tokens = later.num_output_tokens
+        self.step_times += later.step_times
 
 
 @dataclass

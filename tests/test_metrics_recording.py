@@ -92,7 +92,7 @@ async def engine_stream(items: list[RequestOutput | BaseException],
         await asyncio.sleep(gap)
         if isinstance(item, BaseException):
             raise item
-        yield [replace(item, produced_at=time.monotonic())]
+        yield [replace(item, step_times=[time.monotonic()])]
 
 
 # ---- the replica ---------------------------------------------------------------------------------

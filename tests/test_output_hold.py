@@ -57,6 +57,26 @@ def test_streams_keep_their_own_rhythm() -> None:
     assert tokens(got, "a") == [1, 2, 3] and tokens(got, "b") == []
 
 
+def test_held_steps_merge_into_one_output_that_keeps_each_steps_time() -> None:
+    """Two choices; the second finishes a step before the first. What the interval held goes as one
+    output: each choice's tokens and text in order, its own finish reason, every step's time."""
+
+    def step(i: int, choices: dict[int, str | None], finished: bool = False) -> RequestOutput:
+        deltas = [ChoiceDelta(c, [10 * c + i], f"{c}.{i} ", finish_reason=reason) for c, reason in choices.items()]
+        return RequestOutput("a", deltas, finished, 3, 0, 2 * i + 2, queue_time=0.5, step_times=[i / 100])
+
+    hold = OutputHold()
+    assert len(hold.take([step(0, {0: None, 1: None})], 0.0, 1.0)) == 1  # the first at once
+    assert hold.take([step(1, {0: None, 1: None})], 0.01, 1.0) == []
+    assert hold.take([step(2, {0: None, 1: "stop"})], 0.02, 1.0) == []
+    [got] = hold.take([step(3, {0: "length"}, finished=True)], 0.03, 1.0)
+    first, second = got.choices
+    assert (first.index, first.token_ids, first.text, first.finish_reason) == (0, [1, 2, 3], "0.1 0.2 0.3 ", "length")
+    assert (second.index, second.token_ids, second.text, second.finish_reason) == (1, [11, 12], "1.1 1.2 ", "stop")
+    assert got.step_times == [0.01, 0.02, 0.03] and got.finished and got.num_output_tokens == 8
+    assert got.queue_time == 0.5 and len(hold) == 0
+
+
 def test_a_failed_output_goes_at_once_after_what_was_held() -> None:
     hold = OutputHold()
     hold.take([out("a", 0)], 0.0, 1.0)
@@ -103,8 +123,8 @@ def engine_config(ckpt: Path, flush_ms: float, core_process: bool) -> EngineConf
 @pytest.mark.parametrize("core_process", [True, False], ids=["process", "thread"])
 def test_held_steps_cost_the_front_no_hand_off(tiny_checkpoint: Path, core_process: bool) -> None:
     """A 1 s flush interval (40 tokens take far less): each stream is read twice (its first token,
-    then the rest when it finishes), and the event loop is handed a report a few times, not once
-    per step; each output still carries when the engine made it."""
+    then the rest when it finishes, merged into one output), and the event loop is handed a report
+    a few times, not once per step; the outputs still carry when the engine made each token."""
     streams, n_tokens = 4, 40
     params = SamplingParams(temperature=0.0, max_tokens=n_tokens, ignore_eos=True)
 
@@ -120,8 +140,9 @@ def test_held_steps_cost_the_front_no_hand_off(tiny_checkpoint: Path, core_proce
             results = await asyncio.gather(*(reads(i) for i in range(streams)))
             steps = engine.stats().steps_total - steps_before
             for got in results:
-                assert [len(outs) for outs in got] == [1, n_tokens - 1]
-                made = [o.produced_at for outs in got for o in outs]
+                assert [len(outs) for outs in got] == [1, 1]
+                assert [len(o.choices[0].token_ids) for outs in got for o in outs] == [1, n_tokens - 1]
+                made = [t for outs in got for o in outs for t in o.step_times]
                 assert made == sorted(made) and len(set(made)) == n_tokens  # one step each
             assert steps >= n_tokens
             # First tokens and finishes (at most one report each per stream), and the latency
