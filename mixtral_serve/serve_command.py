@@ -90,6 +90,21 @@ def overridden(config: dict[str, Any], args: argparse.Namespace) -> dict[str, An
     return config
 
 
+def step_thread_note(config: dict[str, Any], args: argparse.Namespace) -> str | None:
+    """A word when `--model` replaces the model of tiers that keep `config`'s own step threads (`config`
+    as `overridden` returns it): configs/local.yaml gives the tiny model's tiers one, which a checkpoint
+    whose steps are compute should not keep (README, Speed: one cut the bench checkpoint's by a third)."""
+    if args.model is None or args.cpu_threads is not None:
+        return None
+    ours = [app for app in config["applications"] if app.get("import_path") == _OUR_APP]
+    pinned = [(name, tier["engine"].get("cpu_threads")) for app in ours for name, tier in app["args"]["tiers"].items()]
+    tiers = ", ".join(f"{name} on {threads}" for name, threads in pinned if threads)
+    if not tiers:
+        return None
+    return (f"note: step threads as {args.config} sets them ({tiers}); for a checkpoint whose steps are "
+            f"compute rather than host work, give every tier the node's cores with --cpu-threads N")
+
+
 def _endpoints(config: dict[str, Any], args: argparse.Namespace) -> str:
     http = config.get("http_options", {})
     host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
@@ -125,6 +140,8 @@ def main(args: argparse.Namespace) -> None:
     for app in config["applications"]:
         if app.get("import_path") == _OUR_APP:
             validate(app.get("args", {}))  # a bad flag or file is a message before Ray starts
+    if note := step_thread_note(config, args):
+        print(note, file=sys.stderr)
 
     # Before Ray starts: its processes (Serve's controller among them) inherit it and read it once.
     os.environ.update(ray_env(args.ingress, dict(os.environ)))

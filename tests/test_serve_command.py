@@ -19,7 +19,7 @@ import yaml
 import configs
 from mixtral_serve.cli import build_parser
 from mixtral_serve.ray_env import INGRESSES, ray_env
-from mixtral_serve.serve_command import overridden
+from mixtral_serve.serve_command import overridden, step_thread_note
 
 MODEL = "mixtral-tiny"
 
@@ -53,6 +53,22 @@ def test_dropping_the_default_tier_makes_the_first_kept_one_the_default() -> Non
     config = overridden(yaml.safe_load(configs.LOCAL.read_text()), _args("--tier", "fixed-latency"))
     assert config["applications"][0]["args"]["default_tier"] == "fixed-latency"
     assert list(_tiers(config)) == ["fixed-latency"]
+
+
+def test_a_model_given_to_tiers_with_pinned_step_threads_gets_a_word(tmp_path: Path) -> None:
+    """local.yaml steps the tiny model's latency and throughput tiers on one thread; another model
+    given without --cpu-threads is told so, naming those tiers only."""
+
+    def note(*flags: str) -> str | None:
+        args = _args(*flags)
+        return step_thread_note(overridden(yaml.safe_load(configs.LOCAL.read_text()), args), args)
+
+    told = note("--model", str(tmp_path))
+    assert told is not None and "latency on 1, throughput on 1)" in told and "fixed-latency" not in told
+    assert "--cpu-threads" in told
+    assert note("--model", str(tmp_path), "--cpu-threads", "2") is None  # chosen: nothing to say
+    assert note() is None  # the embedded model the config was sized for
+    assert note("--model", str(tmp_path), "--tier", "fixed-latency") is None  # no pinned tier served
 
 
 def test_bad_flags_are_one_line_errors_before_ray_starts(tmp_path: Path) -> None:
