@@ -66,6 +66,15 @@ class ChoiceChunk:
     stop_reason: str | int | None = None
     tool_text: str = ""  # the model's tool-call text (Mistral's JSON list), kept out of `text`
 
+    def merge(self, later: ChoiceChunk) -> None:
+        """Appends the next chunk's output of the same choice."""
+        self.text += later.text
+        self.tool_text += later.tool_text
+        self.num_tokens += later.num_tokens
+        self.logprobs += later.logprobs
+        if later.finish_reason is not None:
+            self.finish_reason, self.stop_reason = later.finish_reason, later.stop_reason
+
 
 @dataclass
 class GenerateChunk:
@@ -75,6 +84,20 @@ class GenerateChunk:
     num_output_tokens: int  # all choices, so far
     num_cached_tokens: int
     queue_seconds: float | None  # arrival at the engine to first schedule
+
+    def merge(self, later: GenerateChunk) -> None:
+        """Takes in the next chunk of the same prompt: its output appended, its counts and state kept."""
+        mine = {c.index: c for c in self.choices}
+        for part in later.choices:
+            if part.index in mine:
+                mine[part.index].merge(part)
+            else:
+                self.choices.append(part)
+        self.choices.sort(key=lambda c: c.index)
+        self.finished = later.finished
+        self.num_prompt_tokens = later.num_prompt_tokens
+        self.num_output_tokens = later.num_output_tokens
+        self.num_cached_tokens = later.num_cached_tokens
 
 
 @dataclass

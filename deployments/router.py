@@ -127,6 +127,61 @@ class _Stream(StreamingResponse):
         finally:
             self._on_close()
 
+
+def _events(builder: ResponseBuilder, arrived: list[tuple[int, GenerateChunk | ErrorInfo]]) -> str:
+    """The SSE events for chunks read together: one per prompt, its chunks merged, up to a failure.
+
+    NOTE: a stream whose reader lagged (the router's loop or the proxy busy on two shared cores)
+    finds several of its steps waiting. Sent as one event, they cost one message on each hop from
+    here to the client instead of one each, so the lag shrinks instead of feeding itself; the
+    client gets the same tokens at the same moment.
+    """
+    merged: dict[int, GenerateChunk] = {}
+    for index, chunk in arrived:
+        if isinstance(chunk, ErrorInfo):
+            break
+        if index in merged:
+            merged[index].merge(chunk)
+        else:
+            merged[index] = chunk
+    payloads = (builder.stream_chunk(index, chunk) for index, chunk in merged.items())
+    return "".join(sse(payload) for payload in payloads if payload is not None)
+
+
+async def stream_events(builder: ResponseBuilder, firsts: list[GenerateChunk], relay: Relay, deadline: float,
+                        limit: float) -> AsyncIterator[str]:
+    """A streamed response's body: SSE events from each prompt's first chunk to [DONE]."""
+    loop = asyncio.get_running_loop()
+    try:
+        if events := _events(builder, list(enumerate(firsts))):
+            yield events
+        while True:
+            try:
+                arrived = [await asyncio.wait_for(relay.next(), deadline - loop.time())]
+            except StopAsyncIteration:
+                if builder.include_usage:
+                    yield sse(builder.usage_chunk())
+                break
+            arrived += relay.ready()
+            failure = next((c for _, c in arrived if isinstance(c, ErrorInfo)), None)
+            events = _events(builder, arrived) + (sse(OpenAIError.from_info(failure).body()) if failure else "")
+            if events:
+                yield events
+            if failure is not None:
+                break
+    # NOTE: headers are sent: every failure is reported in-band, then [DONE].
+    except asyncio.TimeoutError:
+        yield sse(_timed_out(limit).body())
+    except _REPLICA_GONE:
+        yield sse(_unavailable().body())
+    except Exception:  # noqa: BLE001 - a bug: logged, scrubbed for the client
+        log.exception("stream failed")
+        yield sse(internal_error().body())
+    finally:
+        relay.close()
+    yield sse("[DONE]")
+
+
 @dataclass
 class RouterSettings:
     served_model_name: str
@@ -363,7 +418,7 @@ class Router:
             queue = [f.queue_seconds for f in firsts if f.queue_seconds is not None]
             headers = {"x-tier": tier, "x-queue-ms": f"{max(queue, default=0.0) * 1000:.2f}"}
             if stream:
-                return _Stream(self._sse(builder, firsts, relay, deadline, limit), close,
+                return _Stream(stream_events(builder, firsts, relay, deadline, limit), close,
                                media_type="text/event-stream", headers=headers)
             left = deadline - asyncio.get_running_loop().time()
             await asyncio.wait_for(self._collect(builder, firsts, relay), left)
@@ -391,34 +446,3 @@ class Router:
             if isinstance(chunk, ErrorInfo):
                 raise OpenAIError.from_info(chunk)
             builder.add(index, chunk)
-
-    async def _sse(self, builder: ResponseBuilder, firsts: list[GenerateChunk], relay: Relay, deadline: float,
-                   limit: float) -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        try:
-            for index, first in enumerate(firsts):
-                if (payload := builder.stream_chunk(index, first)) is not None:
-                    yield sse(payload)
-            while True:
-                try:
-                    index, chunk = await asyncio.wait_for(relay.next(), deadline - loop.time())
-                except StopAsyncIteration:
-                    if builder.include_usage:
-                        yield sse(builder.usage_chunk())
-                    break
-                if isinstance(chunk, ErrorInfo):
-                    yield sse(OpenAIError.from_info(chunk).body())
-                    break
-                if (payload := builder.stream_chunk(index, chunk)) is not None:
-                    yield sse(payload)
-        # NOTE: headers are sent: every failure is reported in-band, then [DONE].
-        except asyncio.TimeoutError:
-            yield sse(_timed_out(limit).body())
-        except _REPLICA_GONE:
-            yield sse(_unavailable().body())
-        except Exception:  # noqa: BLE001 - a bug: logged, scrubbed for the client
-            log.exception("stream failed")
-            yield sse(internal_error().body())
-        finally:
-            relay.close()
-        yield sse("[DONE]")

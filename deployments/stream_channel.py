@@ -120,47 +120,49 @@ class Relay:
     """One response's chunks, every prompt's in order: those of the channel, then each call's last.
 
     `next()` gives (prompt index, chunk) as they arrive and raises StopAsyncIteration when every
-    prompt ended; a call that failed (its replica died, say) raises its error there.
+    prompt ended; a call that failed (its replica died, say) raises its error there. `ready()` gives
+    what has arrived without waiting, for a reader that lagged to take its backlog at once.
     """
 
     def __init__(self, server: ChannelServer, request_ids: list[str], calls: list[Any]) -> None:
         """`calls`: each prompt's `DeploymentResponse`, whose result is its `Reply`."""
         self._server = server
         self._ids = request_ids
-        self._queue: asyncio.Queue[tuple[int, Any, bool]] = asyncio.Queue()  # (index, item, is the reply)
+        self._items: deque[tuple[int, Any, bool]] = deque()  # (index, item, is the reply), as they arrived
+        self._arrived = asyncio.Event()
         self._received = [0] * len(request_ids)
         self._waiting: dict[int, Reply] = {}  # replies that overtook some of their prompt's chunks
         self._open = len(request_ids)
+        self._failure: BaseException | None = None  # a call's error, raised once the chunks before it are read
         self.replay: deque[tuple[int, Any]] = deque()  # read ahead by the caller, to be read again
         for index, request_id in enumerate(request_ids):
             server.register(request_id, self, index)
         self._calls = calls
         self._tasks = [asyncio.ensure_future(self._await(index, call)) for index, call in enumerate(calls)]
 
+    def _arrive(self, index: int, item: Any, is_reply: bool) -> None:
+        self._items.append((index, item, is_reply))
+        self._arrived.set()
+
     def put(self, index: int, chunk: Any) -> None:
-        self._queue.put_nowait((index, chunk, False))
+        self._arrive(index, chunk, False)
 
     async def _await(self, index: int, call: Any) -> None:
         try:
             reply = await call
         except BaseException as err:  # noqa: BLE001 - raised to the reader by next()
-            self._queue.put_nowait((index, err, True))
+            self._arrive(index, err, True)
             if isinstance(err, asyncio.CancelledError):
                 raise
             return
-        self._queue.put_nowait((index, reply, True))
+        self._arrive(index, reply, True)
 
-    async def next(self) -> tuple[int, Any]:
+    def _take(self) -> tuple[int, Any] | None:
+        """The next chunk that can be read now; None when there is none yet, or no more, or a failure."""
         if self.replay:
             return self.replay.popleft()
-        while self._open:
-            if self._waiting:  # a reply arrived before all its chunks: they are in flight, or lost
-                try:
-                    index, item, is_reply = await asyncio.wait_for(self._queue.get(), _STRAGGLER_TIMEOUT_S)
-                except asyncio.TimeoutError:
-                    raise ChannelLostError("streamed chunks from the model replica were lost") from None
-            else:
-                index, item, is_reply = await self._queue.get()
+        while self._open and self._failure is None and self._items:
+            index, item, is_reply = self._items.popleft()
             if not is_reply:
                 self._received[index] += 1
                 if (reply := self._waiting.get(index)) is not None and self._received[index] == reply.sent:
@@ -168,13 +170,37 @@ class Relay:
                     self.replay.append(self._last(index, reply))
                 return index, item
             if isinstance(item, BaseException):
-                raise item
+                self._failure = item
+                return None
             assert isinstance(item, Reply)
             if self._received[index] < item.sent:
                 self._waiting[index] = item
                 continue
             return self._last(index, item)
-        raise StopAsyncIteration
+        return None
+
+    async def next(self) -> tuple[int, Any]:
+        while (item := self._take()) is None:
+            if self._failure is not None:
+                raise self._failure
+            if not self._open:
+                raise StopAsyncIteration
+            self._arrived.clear()
+            if self._waiting:  # a reply arrived before all its chunks: they are in flight, or lost
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), _STRAGGLER_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    raise ChannelLostError("streamed chunks from the model replica were lost") from None
+            else:
+                await self._arrived.wait()
+        return item
+
+    def ready(self) -> list[tuple[int, Any]]:
+        """Every chunk that can be read without waiting (the end and failures stay for `next()`)."""
+        items = []
+        while (item := self._take()) is not None:
+            items.append(item)
+        return items
 
     def _last(self, index: int, reply: Reply) -> tuple[int, Any]:
         self._open -= 1

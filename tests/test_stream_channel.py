@@ -1,15 +1,19 @@
 """The stream channel between model replicas and a router (deployments/stream_channel.py), over real
-sockets on 127.0.0.1: frames per event-loop turn, order against the calls' replies, the token, losses."""
+sockets on 127.0.0.1: frames per event-loop turn, order against the calls' replies, the token, losses,
+and the router's events for a backlog."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
 
 from deployments import stream_channel
-from deployments.protocol import ChannelAddress, ErrorInfo, Reply
+from deployments.openai_format import ResponseBuilder
+from deployments.protocol import ChannelAddress, ChoiceChunk, ErrorInfo, GenerateChunk, Reply, TokenLogprob
+from deployments.router import stream_events
 from deployments.stream_channel import ChannelClient, ChannelLostError, ChannelServer, Relay
 
 
@@ -139,3 +143,69 @@ def test_closing_a_relay_cancels_the_calls_still_running() -> None:
         return done.cancelled, running.cancelled
 
     assert asyncio.run(main()) == (False, True)
+
+
+def test_ready_gives_the_backlog_and_leaves_a_failure_to_next() -> None:
+    async def main() -> tuple[list[tuple[int, Any]], list[tuple[int, Any]]]:
+        server = ChannelServer()
+        address = await server.start("127.0.0.1")
+        call: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        relay = Relay(server, ["x"], [call])
+        client = ChannelClient()
+        await client.connect(address)
+        for step in range(3):
+            client.send(address, "x", f"x{step}")
+            await settle()
+        call.set_exception(ConnectionResetError("replica died"))
+        await settle()
+        backlog, after = relay.ready(), relay.ready()
+        with pytest.raises(ConnectionResetError):
+            await relay.next()
+        client.close()
+        return backlog, after
+
+    backlog, after = asyncio.run(main())
+    assert backlog == [(0, "x0"), (0, "x1"), (0, "x2")]
+    assert after == []
+
+
+def _chunk(token: str, finish: str | None = None) -> GenerateChunk:
+    logprobs = [TokenLogprob(token, -1.0, [])] if token else []
+    return GenerateChunk([ChoiceChunk(0, token, len(logprobs), logprobs, finish)], finish is not None,
+                         num_prompt_tokens=4, num_output_tokens=1, num_cached_tokens=0, queue_seconds=None)
+
+
+def test_a_lagging_streams_backlog_goes_out_as_one_event_per_prompt() -> None:
+    """Steps that waited for the router (a busy event loop) leave in one SSE event per prompt, with
+    every token and logprob in order; a failure in the backlog ends the stream after the tokens before it."""
+
+    async def main() -> list[str]:
+        server = ChannelServer()
+        address = await server.start("127.0.0.1")
+        calls: list[asyncio.Future[Reply]] = [asyncio.get_running_loop().create_future() for _ in range(2)]
+        relay = Relay(server, ["a", "b"], calls)
+        client = ChannelClient()
+        await client.connect(address)
+        for step in range(3):  # three engine steps, nobody reading
+            client.send(address, "a", _chunk(f" a{step}"))
+            client.send(address, "b", _chunk(f" b{step}", "length" if step == 2 else None))
+            await settle()
+        calls[1].set_result(Reply(_chunk("", "length"), 3))
+        client.send(address, "a", ErrorInfo(500, "engine failed"))
+        client.send(address, "a", _chunk(" never"))
+        await settle()
+        builder = ResponseBuilder("completion", "cmpl-1", "m", n=1, num_prompts=2, logprobs=True, include_usage=False)
+        deadline = asyncio.get_running_loop().time() + 30
+        events = [e async for e in stream_events(builder, [_chunk(" a"), _chunk(" b")], relay, deadline, 30)]
+        client.close()
+        return events
+
+    firsts, backlog, done = asyncio.run(main())
+    assert firsts.count("data: ") == 2
+    payloads = [json.loads(line[6:]) for line in backlog.split("\n\n") if line]
+    a, b, error = payloads
+    assert a["choices"][0]["text"] == " a0 a1 a2" and a["choices"][0]["logprobs"]["tokens"] == [" a0", " a1", " a2"]
+    assert b["choices"][0]["text"] == " b0 b1 b2" and b["choices"][0]["finish_reason"] == "length"
+    assert b["choices"][0]["logprobs"]["text_offset"] == [2, 5, 8]  # after the first event's " b"
+    assert error["error"]["message"] == "engine failed"
+    assert done == "data: [DONE]\n\n"
