@@ -292,16 +292,49 @@ static int64_t task_at(int64_t cost, const int64_t *active, int64_t n_active, co
     return n_active * panels;
 }
 
-// Each thread's share [begin, end) of the tasks, balanced by cost. NOTE: not an equal count of
-// tasks: routing is uneven, and a thread holding the busiest expert's panels would leave the
+// One thread's planned share of a phase's tasks, alone on its cache line: tasks [next, end) are
+// claimed one at a time, by their owner first.
+typedef struct {
+    int64_t next, end;
+    char pad[48];
+} Share;
+
+// Plans nt threads' shares of the (expert, panel) tasks, balanced by cost. NOTE: not an equal count
+// of tasks: routing is uneven, and a thread holding the busiest expert's panels would leave the
 // others waiting. Tasks stay in weight order, so each thread streams contiguous memory.
-static void share_tasks(const int64_t *active, int64_t n_active, const int64_t *count, int64_t panels,
-                        int64_t *begin, int64_t *end) {
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+static void plan_tasks(const int64_t *active, int64_t n_active, const int64_t *count, int64_t panels, int64_t nt,
+                       Share *shares) {
     int64_t total = 0;
     for (int64_t i = 0; i < n_active; ++i) total += panels * (count[active[i]] + STREAM_ROWS);
-    *begin = task_at(total * t / nt, active, n_active, count, panels);
-    *end = task_at(total * (t + 1) / nt, active, n_active, count, panels);
+    for (int64_t t = 0; t < nt; ++t) {
+        shares[t].next = task_at(total * t / nt, active, n_active, count, panels);
+        shares[t].end = task_at(total * (t + 1) / nt, active, n_active, count, panels);
+    }
+}
+
+// Plans nt threads' equal shares of n tasks.
+static void plan_equal(int64_t n, int64_t nt, Share *shares) {
+    for (int64_t t = 0; t < nt; ++t) {
+        shares[t].next = n * t / nt;
+        shares[t].end = n * (t + 1) / nt;
+    }
+}
+
+// The next task of the calling thread's share, else of the first other share with tasks left; -1
+// when none is. NOTE: a static split makes every thread wait at the phase's end for one the OS took
+// off its core (on a host whose cores also run the serving processes, a wake-up of a few ms each
+// step); claiming lets the others finish its tasks. The owner still takes its own in order, so the
+// weight streams stay contiguous while no thread falls behind.
+static int64_t claim(Share *shares, int64_t nt) {
+    const int64_t t = omp_get_thread_num();
+    for (int64_t i = 0; i < nt; ++i) {
+        Share *s = &shares[(t + i) % nt];
+        int64_t task;
+#pragma omp atomic capture
+        task = s->next++;
+        if (task < s->end) return task;
+    }
+    return -1;
 }
 
 // out [T, D] bf16 = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]), on num_threads threads.
@@ -337,6 +370,9 @@ void moe_forward(const uint16_t *x, const int64_t *ids, const float *weights, in
     const int64_t panel13 = kc13 * PANEL_TILES * TILE_ELEMS * elem, panel2 = kc2 * PANEL_TILES * TILE_ELEMS * elem;
 
     const int fp8 = w13_scale != NULL;
+    Share shares13[num_threads], shares2[num_threads];  // planned for the team asked for; a smaller one claims the rest
+    plan_tasks(active, n_active, count, p13, num_threads, shares13);
+    plan_tasks(active, n_active, count, p2, num_threads, shares2);
 
 #pragma omp parallel num_threads(num_threads)
     {
@@ -349,8 +385,7 @@ void moe_forward(const uint16_t *x, const int64_t *ids, const float *weights, in
         for (int64_t e = b; e < e_; ++e)
             memset(xs + (start[e] + count[e]) * D, 0, (start[e + 1] - start[e] - count[e]) * D * 2);
 #pragma omp barrier
-        share_tasks(active, n_active, count, p13, &b, &e_);
-        for (int64_t task = b; task < e_; ++task) {
+        for (int64_t task; (task = claim(shares13, num_threads)) >= 0;) {
             const int64_t e = active[task / p13], p = task % p13;
             const float *scale = fp8 ? w13_scale + (e * p13 + p) * 64 : NULL;
             const uint8_t *panel = (const uint8_t *)w13 + (e * p13 + p) * panel13;
@@ -380,8 +415,7 @@ void moe_forward(const uint16_t *x, const int64_t *ids, const float *weights, in
             }
         }
 #pragma omp barrier
-        share_tasks(active, n_active, count, p2, &b, &e_);
-        for (int64_t task = b; task < e_; ++task) {
+        for (int64_t task; (task = claim(shares2, num_threads)) >= 0;) {
             const int64_t e = active[task / p2], p = task % p2;
             const float *scale = fp8 ? w2_scale + e * D + p * 64 : NULL;
             const uint8_t *panel = (const uint8_t *)w2 + (e * p2 + p) * panel2;
@@ -420,6 +454,8 @@ void linear(const uint16_t *x, int64_t T, int64_t K, int64_t N, int64_t num_thre
     const int64_t padded = (T + ROWS - 1) / ROWS * ROWS, k_chunks = K / 32;
     const int fp8 = scale != NULL;
     const int64_t panel = k_chunks * PANEL_TILES * TILE_ELEMS * (fp8 ? 1 : 2);  // bytes
+    Share shares[num_threads];
+    plan_equal(N / 64, num_threads, shares);
 #pragma omp parallel num_threads(num_threads)
     {
         configure_tiles();
@@ -433,8 +469,7 @@ void linear(const uint16_t *x, int64_t T, int64_t K, int64_t N, int64_t num_thre
                 memset(xs + r * K, 0, K * 2);
         }
 #pragma omp barrier
-        share(N / 64, &b, &e_);
-        for (int64_t p = b; p < e_; ++p) {
+        for (int64_t p; (p = claim(shares, num_threads)) >= 0;) {
             const uint8_t *wp = (const uint8_t *)w + p * panel;
             for (int64_t r0 = 0; r0 < T; r0 += ROWS) {
                 const int64_t rows = T - r0 < ROWS ? T - r0 : ROWS;
