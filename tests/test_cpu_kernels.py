@@ -4,6 +4,7 @@ model against the oneDNN per-expert backend."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -172,6 +173,31 @@ def test_threads_do_not_change_results(isa: str, fp8: bool) -> None:
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_a_team_smaller_than_planned_leaves_no_task_undone(isa: str) -> None:
+    """Threads claim the tasks of a share whose thread never ran (as they do those of a thread the
+    OS took off its core): with OpenMP capped at one thread, calls planned for four give the one-thread
+    results bit for bit (a thread keeping to its own share would leave three quarters unwritten)."""
+    code = f"""
+import torch
+from engine import cpu_kernels
+from tests.moe_reference import moe_problem
+x, w13, w2, weights, ids = moe_problem(40, 8, 2, 128, 256, seed=3)
+experts = cpu_kernels.CpuExperts({isa!r}, w13.bfloat16(), w2.bfloat16())
+linear = cpu_kernels.CpuLinear({isa!r}, torch.randn(2048, 512).bfloat16())
+h = torch.randn(40, 512).bfloat16()
+torch.set_num_threads(1)
+one = experts(x.bfloat16(), weights, ids), linear(h, torch.bfloat16)
+torch.set_num_threads(4)  # the calls plan four shares; OMP_THREAD_LIMIT runs them on one thread
+four = experts(x.bfloat16(), weights, ids), linear(h, torch.bfloat16)
+print(all(torch.equal(a, b) for a, b in zip(one, four)), not any(torch.equal(a, torch.zeros_like(a)) for a in one))
+"""
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=Path(__file__).parent.parent)
+    assert out.stdout.split() == ["True", "True"], out.stderr
 
 
 def test_backend_resolution() -> None:
