@@ -144,5 +144,6 @@ class EngineConfig(_Strict):
     # (tiny checkpoint, 1 / 16 / 64 streams) through Serve "sleep" gave 955 / 2,655 / 3,934 tokens/s
     # against 479 / 2,085 / 3,390; the AsyncEngine alone "spin" 0.84-0.91x / 0.86x / 0.73-0.78x of
     # the offline engine against 0.79-0.95x / 0.68-0.72x / 0.69-0.72x. Hosts differ: on an Intel Xeon
-    # VM, where waking a thread costs more, "spin" won both ways (README, "Serving path").
+    # VM, where waking a thread costs more, "spin" won both ways, and served the bench checkpoint at
+    # 0.85x of the engine against 0.68-0.72x (1 and 16 streams; README, "Serving path").
     cpu_wait: Literal["sleep", "spin"] = "sleep"
