@@ -74,7 +74,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         status: int | None = None
-        complete = disconnected = False
+        complete = disconnected = failed = False
 
         async def watch_send(message: Message) -> None:
             nonlocal status, complete
@@ -107,9 +107,15 @@ class MetricsMiddleware:
             disconnected = disconnected or not complete
             raise
         except Exception:
+            failed = True
             status = status or 500  # Starlette's outermost handler answers it
             raise
         finally:
+            # NOTE: a response that started and ended unfinished, without an error, lost its client,
+            # however its stream was stopped: the cancellation above, the disconnect message, or
+            # Starlette's task group ending quietly when the replica call under the stream was
+            # cancelled first (Serve cancels the request's calls with it).
+            disconnected = disconnected or (status is not None and not complete and not failed)
             assert metrics is not None
             metrics.record(tier, status, disconnected)
 

@@ -138,7 +138,7 @@ def _stream(base: str, index: int, out: dict[str, Any]) -> None:
     """One streamed completion, read as a client would: how it ended."""
     import requests
 
-    body = {"model": "mixtral-tiny", "prompt": f"Story {index}:", "max_tokens": 400, "stream": True,
+    body = {"model": "mixtral-tiny", "prompt": f"Story {index}:", "max_tokens": 1000, "stream": True,
             "ignore_eos": True}
     out.update(done=False, error=None, finish_reason=None, chunks=0, cut=None)
     try:
@@ -231,7 +231,10 @@ def _drive(mode: str) -> dict[str, Any]:
         threads = [threading.Thread(target=_stream, args=(base, i, streams[i])) for i in range(STREAMS)]
         for thread in threads:
             thread.start()
-        time.sleep(3)  # every stream is running
+        # Every stream running, none near its end: a fixed wait let fast hosts finish them all first.
+        started = time.monotonic()
+        while not all(s.get("chunks") for s in streams) and time.monotonic() - started < 60:
+            time.sleep(0.05)
         # The node's machine is lost: its raylet and every process under it (replica workers and their
         # engine cores) die at once.
         raylet = subprocess.run(["pgrep", "-f", f"raylet.*--node_manager_port={worker_manager}"],
