@@ -21,7 +21,15 @@ from typing import Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from benchmarks.serve_cost import Pricing, gpus_per_tier
-from benchmarks.serve_report import SLO_KEYS, BenchResult, LoadLevel, RunResult, pick_best, print_report, write_outputs
+from benchmarks.serve_report import (
+    SLO_KEYS,
+    BenchResult,
+    LoadLevel,
+    RunResult,
+    pick_best,
+    print_report,
+    write_outputs,
+)
 
 DEFAULT_NUM_REQUESTS = 64
 SweepKind = Literal["concurrency", "request_rate"]
@@ -119,23 +127,30 @@ def tier_url(base_url: str, tier: str | None) -> str:
 
 async def run_benchmark(config: BenchConfig) -> BenchResult:
     """Every tier (or the base URL) at every load level; writes `config.out` when set."""
-    # NOTE: imported here so the rest of the command line works without the `openai` package.
-    import openai
+    import aiohttp
 
-    from benchmarks.serve_load import Conversations, Sender, Workload, list_model, run_conversations, run_load
+    from benchmarks.serve_load import (
+        Conversations,
+        HTTPStatusError,
+        Sender,
+        Workload,
+        client_session,
+        list_model,
+        run_conversations,
+        run_load,
+    )
     from benchmarks.serve_report import summarize
 
     runs: list[RunResult] = []
     tiers: list[str | None] = [*config.tiers] or [None]
     for tier in tiers:
         url = tier_url(config.base_url, tier)
-        async with openai.AsyncOpenAI(base_url=url, api_key=config.api_key or "EMPTY", max_retries=0,
-                                      timeout=config.timeout_s) as client:
+        async with client_session(config.api_key) as session:
             model, max_len = config.model, config.max_model_len
             if model is None or (config.input_len == "max" and max_len is None):
                 try:
-                    listed, listed_len = await list_model(client)
-                except openai.OpenAIError as err:
+                    listed, listed_len = await list_model(session, url)
+                except (aiohttp.ClientError, HTTPStatusError, ValueError) as err:
                     raise ValueError(f"cannot list the models at {url}/models ({err}); pass --model") from None
                 model, max_len = model or listed, max_len or listed_len
             workload = Workload(
@@ -143,7 +158,8 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
                 input_len_range=config.input_len_range, output_len_range=config.output_len_range,
                 dataset=config.dataset, seed=config.seed,
             )
-            send = Sender(client, model, config.endpoint, config.ignore_eos, config.temperature, config.timeout_s)
+            send = Sender(session, url, model, config.endpoint, config.ignore_eos, config.temperature,
+                          config.timeout_s)
             for level in config.levels():
                 name = f"{tier + ' ' if tier else ''}{level.label}"
                 progress = name if config.progress else None

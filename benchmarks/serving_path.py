@@ -241,10 +241,6 @@ def served_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> None:
-    # NOTE: the client's first import of `openai` (~0.6 s of CPU here) would otherwise count as the
-    # client's share of the first server's first level, and crowd its one-stream run.
-    import openai  # noqa: F401
-
     app_yaml = served_config(args)
     engine_config = _engine_config(app_yaml["applications"][0], args.tier, args.model)
     rows: list[PathResult] = []

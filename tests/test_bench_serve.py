@@ -39,6 +39,7 @@ from mixtral_serve.cli import main as cli_main
 MODEL = "tiny-test"
 MAX_MODEL_LEN = PRESETS["tiny"].max_position_embeddings
 MARKERS = {"REJECT-ME": 429, "OVERLOAD-ME": 503, "FAIL-ME": 500}
+BREAK_MARKER = "BREAK-ME"  # fails inside the stream, after its first token
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
 
 
@@ -88,6 +89,9 @@ def build_app(ckpt: Path) -> FastAPI:
                     if c.text or c.finish_reason:
                         part = {"delta": {"content": c.text}} if chat else {"text": c.text}
                         yield sse({**head, "choices": [{"index": 0, **part, "finish_reason": c.finish_reason}]})
+                if BREAK_MARKER in text:  # an error event after the first token, as a failing stream sends it
+                    yield sse({"error": {"message": f"marker {BREAK_MARKER}", "type": "test", "code": 500}})
+                    return
             if (body.get("stream_options") or {}).get("include_usage") and last is not None:
                 usage = {"prompt_tokens": last.num_prompt_tokens, "completion_tokens": last.num_output_tokens,
                          "total_tokens": last.num_prompt_tokens + last.num_output_tokens}
@@ -212,17 +216,19 @@ def test_poisson_arrivals_are_reproducible(base_url: str) -> None:
 def test_dataset_with_rejected_and_failed_requests(base_url: str, tmp_path: Path) -> None:
     rows = [{"prompt": "The capital of France is", "max_tokens": 5}, {"prompt": "REJECT-ME please"},
             {"prompt": "one two three", "max_tokens": 6}, {"prompt": "FAIL-ME now", "max_tokens": 3},
-            {"prompt": "OVERLOAD-ME later"}, {"prompt": "Hello world", "max_tokens": 7}]
+            {"prompt": "OVERLOAD-ME later"}, {"prompt": "Hello world", "max_tokens": 7},
+            {"prompt": "BREAK-ME midway", "max_tokens": 4}]
     dataset = tmp_path / "prompts.jsonl"
     dataset.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (run,) = bench(base_url, dataset=dataset, concurrency=3, num_requests=6, warmup=0, output_len=4,
+    (run,) = bench(base_url, dataset=dataset, concurrency=3, num_requests=7, warmup=0, output_len=4,
                    slo={"ttft_ms": 60_000}).runs
     check_run(run)
-    assert (run.successful, run.failed, run.rejected) == (3, 1, 2)
+    assert (run.successful, run.failed, run.rejected) == (3, 2, 2)
     assert run.output_tokens == 5 + 6 + 7
-    assert [r.status for r in run.requests] == ["ok", "rejected", "ok", "failed", "rejected", "ok"]
+    assert [r.status for r in run.requests] == ["ok", "rejected", "ok", "failed", "rejected", "ok", "failed"]
     assert run.errors["HTTP 429: marker REJECT-ME"] == 1 and run.errors["HTTP 500: marker FAIL-ME"] == 1
-    assert run.slo_attainment == pytest.approx(0.5) and not run.meets_slo
+    assert run.errors["StreamError: marker BREAK-ME"] == 1  # a stream that broke after its first token
+    assert run.slo_attainment == pytest.approx(3 / 7) and not run.meets_slo
 
 
 def test_prompt_fills_the_context(base_url: str) -> None:
