@@ -40,6 +40,7 @@ MODEL = "tiny-test"
 MAX_MODEL_LEN = PRESETS["tiny"].max_position_embeddings
 MARKERS = {"REJECT-ME": 429, "OVERLOAD-ME": 503, "FAIL-ME": 500}
 BREAK_MARKER = "BREAK-ME"  # fails inside the stream, after its first token
+API_KEY = "test-key"  # completions refuse any other key sent (none sent is let through)
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
 
 
@@ -109,6 +110,8 @@ def build_app(ckpt: Path) -> FastAPI:
     @app.post("/v1/completions")
     @app.post("/{tier}/v1/completions")
     async def completions(request: Request, tier: str | None = None) -> Any:
+        if request.headers.get("authorization", f"Bearer {API_KEY}") != f"Bearer {API_KEY}":
+            return error(401, "wrong API key")
         body = await request.json()
         return await respond(body, body["prompt"], engines[0].tokenizer.encode(body["prompt"], add_bos=True), False)
 
@@ -229,6 +232,13 @@ def test_dataset_with_rejected_and_failed_requests(base_url: str, tmp_path: Path
     assert run.errors["HTTP 429: marker REJECT-ME"] == 1 and run.errors["HTTP 500: marker FAIL-ME"] == 1
     assert run.errors["StreamError: marker BREAK-ME"] == 1  # a stream that broke after its first token
     assert run.slo_attainment == pytest.approx(3 / 7) and not run.meets_slo
+
+
+def test_the_api_key_goes_as_a_bearer_token(base_url: str) -> None:
+    (run,) = bench(base_url, api_key=API_KEY, concurrency=2, num_requests=2, warmup=0, output_len=3).runs
+    assert run.successful == 2 and run.output_tokens == 6
+    (run,) = bench(base_url, api_key="not-the-key", concurrency=2, num_requests=2, warmup=0, output_len=3).runs
+    assert run.failed == 2 and run.errors == {"HTTP 401: wrong API key": 2}
 
 
 def test_prompt_fills_the_context(base_url: str) -> None:
