@@ -214,12 +214,12 @@ class Sender:
         async with self.session.post(url, json=body) as response:
             if response.status >= 400:
                 raise HTTPStatusError(response.status, await _error_message(response))
+            # NOTE: read to the body's end, past `[DONE]`: a response left with bytes unread closes
+            # its connection, and the user's next request would open a new one (a proxy may send
+            # the body's end in a later packet than `[DONE]`).
             async for line in response.content:  # server-sent events, one `data:` line each
-                if not line.startswith(b"data:"):
+                if not line.startswith(b"data:") or (data := line[5:].strip()) == b"[DONE]":
                     continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
                 now = time.perf_counter() - start
                 chunk = json.loads(data)
                 if "error" in chunk:

@@ -41,6 +41,8 @@ MAX_MODEL_LEN = PRESETS["tiny"].max_position_embeddings
 MARKERS = {"REJECT-ME": 429, "OVERLOAD-ME": 503, "FAIL-ME": 500}
 BREAK_MARKER = "BREAK-ME"  # fails inside the stream, after its first token
 API_KEY = "test-key"  # completions refuse any other key sent (none sent is let through)
+LATE_END_MARKER = "LATE-END"  # the response's body ends 50 ms after its `[DONE]`
+CLIENT_PORTS: list[int] = []  # the client's port of each completion request, in order
 PNG_HEADER = b"\x89PNG\r\n\x1a\n"
 
 
@@ -98,6 +100,8 @@ def build_app(ckpt: Path) -> FastAPI:
                          "total_tokens": last.num_prompt_tokens + last.num_output_tokens}
                 yield sse({**head, "choices": [], "usage": usage})
             yield "data: [DONE]\n\n"
+            if LATE_END_MARKER in text:  # the body's end arrives on its own, as through a proxy
+                await asyncio.sleep(0.05)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -112,6 +116,7 @@ def build_app(ckpt: Path) -> FastAPI:
     async def completions(request: Request, tier: str | None = None) -> Any:
         if request.headers.get("authorization", f"Bearer {API_KEY}") != f"Bearer {API_KEY}":
             return error(401, "wrong API key")
+        CLIENT_PORTS.append(request.client.port if request.client else 0)
         body = await request.json()
         return await respond(body, body["prompt"], engines[0].tokenizer.encode(body["prompt"], add_bos=True), False)
 
@@ -232,6 +237,18 @@ def test_dataset_with_rejected_and_failed_requests(base_url: str, tmp_path: Path
     assert run.errors["HTTP 429: marker REJECT-ME"] == 1 and run.errors["HTTP 500: marker FAIL-ME"] == 1
     assert run.errors["StreamError: marker BREAK-ME"] == 1  # a stream that broke after its first token
     assert run.slo_attainment == pytest.approx(3 / 7) and not run.meets_slo
+
+
+def test_sequential_requests_keep_their_connection(base_url: str, tmp_path: Path) -> None:
+    """One user's requests go over one kept-alive connection: the client reads each stream to its
+    end, where leaving the body's end unread after `[DONE]` (it may come in a later packet, as
+    through Serve's proxy) would close the connection and open a new one for each request."""
+    dataset = tmp_path / "prompts.jsonl"
+    dataset.write_text("\n".join(json.dumps({"prompt": f"{LATE_END_MARKER} {i}", "max_tokens": 3}) for i in range(5)))
+    CLIENT_PORTS.clear()
+    (run,) = bench(base_url, dataset=dataset, concurrency=1, num_requests=4, warmup=1).runs
+    assert run.successful == 4 and len(CLIENT_PORTS) == 5
+    assert len(set(CLIENT_PORTS)) == 1, CLIENT_PORTS
 
 
 def test_the_api_key_goes_as_a_bearer_token(base_url: str) -> None:
