@@ -145,7 +145,7 @@ async def run_benchmark(config: BenchConfig) -> BenchResult:
     tiers: list[str | None] = [*config.tiers] or [None]
     for tier in tiers:
         url = tier_url(config.base_url, tier)
-        async with client_session(config.api_key) as session:
+        async with client_session(config.api_key, config.timeout_s) as session:
             model, max_len = config.model, config.max_model_len
             if model is None or (config.input_len == "max" and max_len is None):
                 try:
