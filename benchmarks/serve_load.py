@@ -135,16 +135,20 @@ class StreamError(Exception):
     """An error event inside a stream that had started (`data: {"error": ...}`)."""
 
 
+def _error_text(error: Any) -> str:
+    """The message of an OpenAI-style error object (`{"message": ...}`), else the object as text."""
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return error["message"][:200]
+    return str(error)[:200]
+
+
 async def _error_message(reply: aiohttp.ClientResponse) -> str:
     text = await reply.text()
     try:
         body = json.loads(text)
     except ValueError:
         return text[:200] or reply.reason or ""
-    error = body.get("error", body) if isinstance(body, dict) else body
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error["message"][:200]
-    return str(error)[:200]
+    return _error_text(body.get("error", body) if isinstance(body, dict) else body)
 
 
 def client_session(api_key: str | None, timeout_s: float) -> aiohttp.ClientSession:
@@ -225,7 +229,7 @@ class Sender:
                 now = time.perf_counter() - start
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    raise StreamError(_event_error(chunk["error"]))
+                    raise StreamError(_error_text(chunk["error"]))
                 if counts := chunk.get("usage"):
                     usage.update(prompt_tokens=counts["prompt_tokens"], completion_tokens=counts["completion_tokens"])
                     cached = (counts.get("prompt_tokens_details") or {}).get("cached_tokens")
@@ -247,12 +251,6 @@ class Sender:
 def _text(choice: dict[str, Any]) -> str | None:
     delta = choice.get("delta")
     return delta.get("content") if delta is not None else choice.get("text")
-
-
-def _event_error(error: Any) -> str:
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error["message"][:200]
-    return str(error)[:200]
 
 
 @dataclass
