@@ -21,15 +21,7 @@ from typing import Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from benchmarks.serve_cost import Pricing, gpus_per_tier
-from benchmarks.serve_report import (
-    SLO_KEYS,
-    BenchResult,
-    LoadLevel,
-    RunResult,
-    pick_best,
-    print_report,
-    write_outputs,
-)
+from benchmarks.serve_report import SLO_KEYS, BenchResult, LoadLevel, RunResult, pick_best, print_report, write_outputs
 
 DEFAULT_NUM_REQUESTS = 64
 SweepKind = Literal["concurrency", "request_rate"]
