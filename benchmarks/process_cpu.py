@@ -21,7 +21,9 @@ from types import TracebackType
 
 _PROC = Path("/proc")
 _TICKS = os.sysconf("SC_CLK_TCK")
-_REPLICA = re.compile(r"ray::ServeReplica:[^:\s]+:(\S+)")
+# Ray titles a worker by its actor, and by the method too while it runs one
+# ("ray::ServeReplica:mixtral:router.handle_request_with_rejection"); tier names have no dots.
+_REPLICA = re.compile(r"ray::ServeReplica:[^:\s]+:([^\s.]+)")
 _RAY_DAEMONS = ("gcs_server", "raylet", "dashboard", "DashboardAgent", "log_monitor", "monitor.py", "runtime_env")
 
 

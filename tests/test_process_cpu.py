@@ -14,6 +14,7 @@ from benchmarks.process_cpu import ProcessCpu, label
 
 def test_processes_are_grouped_by_their_role_in_a_server() -> None:
     assert label("ray::ServeReplica:mixtral:router", None, 1, 2) == "replica router"
+    assert label("ray::ServeReplica:mixtral:router.handle_request_with_rejection", None, 1, 2) == "replica router"
     assert label("ray::ServeReplica:mixtral:fixed-latency", None, 1, 2) == "replica fixed-latency"
     assert label("python -m engine.engine_core 57", "replica throughput", 1, 2) == "engine core (throughput)"
     assert label("python -m engine.engine_core 57", None, 1, 2) == "engine core"
