@@ -129,6 +129,19 @@ def _listener(port: int) -> str:
     raise AssertionError(f"nothing listens on port {port}")
 
 
+def _environ(comm: str) -> dict[str, str]:
+    """The environment of the one process whose `comm` is `comm`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (proc / "comm").read_text().strip() == comm:
+                found.append((proc / "environ").read_bytes())
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    assert len(found) == 1, f"{len(found)} processes named {comm!r}"
+    return dict(entry.split("=", 1) for entry in found[0].decode().split("\0") if "=" in entry)
+
+
 # What listens on the port (a process's `comm`, 15 characters at most) under each ingress.
 _LISTENER = {"proxy": "ray::ProxyActor", "haproxy": "haproxy"}
 
@@ -148,6 +161,8 @@ def test_serve_runs_answers_exports_metrics_and_stops_on_sigterm(ingress: str) -
         assert f"http://127.0.0.1:{metrics}/metrics" in output.text
 
         assert _listener(http) == _LISTENER[ingress]
+        # Serve's controller runs with the node's environment (mixtral_serve/ray_env.py), not Ray's defaults.
+        assert _environ("ray::ServeContr")["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{http}/v1", api_key="none", max_retries=0)
         answer = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0)
         assert answer.usage.completion_tokens == 5
@@ -206,14 +221,17 @@ def test_serve_runs_answers_exports_metrics_and_stops_on_sigterm(ingress: str) -
 
 
 def test_ray_env_sets_the_ingress_chosen_and_keeps_the_operators_niceness() -> None:
-    assert ray_env("haproxy", {"PATH": "/bin"}) == {"PATH": "/bin", "RAY_worker_niceness": "0",
+    quiet = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
+    assert ray_env("haproxy", {"PATH": "/bin"}) == {"PATH": "/bin", "RAY_worker_niceness": "0", **quiet,
                                                     "RAY_SERVE_ENABLE_HA_PROXY": "1",
                                                     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
     # An operator's drain window is kept.
     assert ray_env("haproxy", {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "30"})[
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "30"
-    proxy = ray_env("proxy", {"RAY_worker_niceness": "5", "RAY_SERVE_ENABLE_HA_PROXY": "1"})
-    assert proxy == {"RAY_worker_niceness": "5", "RAY_SERVE_ENABLE_HA_PROXY": "0",
+    proxy = ray_env("proxy", {"RAY_worker_niceness": "5", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                              "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1"})
+    assert proxy == {"RAY_worker_niceness": "5", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1",
+                     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000", "RAY_SERVE_ENABLE_HA_PROXY": "0",
                      "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
     with pytest.raises(ValueError, match="ingress must be one of"):
         ray_env("nginx", {})
