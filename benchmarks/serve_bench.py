@@ -119,6 +119,8 @@ def tier_url(base_url: str, tier: str | None) -> str:
 
 async def run_benchmark(config: BenchConfig) -> BenchResult:
     """Every tier (or the base URL) at every load level; writes `config.out` when set."""
+    # NOTE: imported here: the CLI imports this module for every command, and the client's modules
+    # (aiohttp, numpy, tqdm) add ~0.1 s to each start-up.
     import aiohttp
 
     from benchmarks.serve_load import (
