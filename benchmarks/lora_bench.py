@@ -18,6 +18,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from mixtral_serve.engine_flags import add_engine_flags, engine_config
+
 
 class ModeResult(BaseModel):
     adapters: int
@@ -29,16 +31,17 @@ class ModeResult(BaseModel):
 def run(args: argparse.Namespace) -> list[ModeResult]:
     from engine import LLM, LoRARequest, SamplingParams
     from engine.checkpoint import default_model_dir
-    from engine.config import SchedulerConfig
     from engine.lora_adapter import write_random_adapter
 
-    model = args.model or default_model_dir()
+    config = engine_config(args)
+    model = config.model or str(default_model_dir())
     most = max(args.adapters)
     with tempfile.TemporaryDirectory(prefix="lora-bench-") as tmp:
         requests = [LoRARequest(f"a{i}", str(write_random_adapter(model, Path(tmp) / f"a{i}", args.rank, seed=i)))
                     for i in range(most)]
-        llm = LLM(model, dtype=args.dtype, scheduler=SchedulerConfig(max_num_seqs=args.streams),
-                  lora={"max_loras": max(most, 1), "max_lora_rank": args.rank})
+        llm = LLM(config=config.model_copy(update={
+            "model": model, "scheduler": config.scheduler.model_copy(update={"max_num_seqs": args.streams}),
+            "lora": config.lora.model_copy(update={"max_loras": max(most, 1), "max_lora_rank": args.rank})}))
         prompts = [f"Request {i} tells a story:" for i in range(args.streams)]
         params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
         rates: dict[int, list[float]] = {n: [] for n in args.adapters}
@@ -56,8 +59,9 @@ def run(args: argparse.Namespace) -> list[ModeResult]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, help="checkpoint folder (default: the embedded tiny model)")
-    p.add_argument("--dtype", default="auto")
+    # --model (default: the embedded tiny model), --dtype, ...; the bench sets these three itself
+    add_engine_flags(p, exclude=("scheduler.max_num_seqs", "lora.max_loras", "lora.max_lora_rank"))
+    p.set_defaults(**{"cache.kv_cache_bytes": "512MiB"})  # not a quarter of the host's memory, zeroed at start
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--adapters", type=int, nargs="+", default=[0, 1, 4, 16], help="distinct adapters per mode")
     p.add_argument("--rank", type=int, default=16)

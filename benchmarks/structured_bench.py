@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from mixtral_serve.engine_flags import add_engine_flags, engine_config
+
 # A record an application might ask for: free strings and a list, nothing that ends it early by design.
 SCHEMA: dict[str, Any] = {
     "type": "object", "additionalProperties": False, "required": ["title", "tags", "body"],
@@ -35,9 +37,10 @@ class ModeResult(BaseModel):
 
 def run(args: argparse.Namespace) -> list[ModeResult]:
     from engine import LLM, SamplingParams, StructuredOutput
-    from engine.config import SchedulerConfig
 
-    llm = LLM(args.model, dtype=args.dtype, scheduler=SchedulerConfig(max_num_seqs=args.streams))
+    config = engine_config(args)
+    scheduler = config.scheduler.model_copy(update={"max_num_seqs": args.streams})
+    llm = LLM(config=config.model_copy(update={"scheduler": scheduler}))
     modes = {"none": None, "json_schema": StructuredOutput(json_schema=SCHEMA)}
     prompts = [f"Record {i} as JSON:" for i in range(args.streams * args.requests_per_stream)]
     rates: dict[str, list[float]] = {m: [] for m in modes}
@@ -59,8 +62,8 @@ def run(args: argparse.Namespace) -> list[ModeResult]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, help="checkpoint folder (default: the embedded tiny model)")
-    p.add_argument("--dtype", default="auto")
+    add_engine_flags(p, exclude=("scheduler.max_num_seqs",))  # --model (default: the embedded tiny model), --dtype, ...
+    p.set_defaults(**{"cache.kv_cache_bytes": "512MiB"})  # not a quarter of the host's memory, zeroed at start
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--output-len", type=int, default=128, help="max tokens per request")
     p.add_argument("--requests-per-stream", type=int, default=4)

@@ -27,7 +27,8 @@ def test_an_engine_ignores_rays_omp_num_threads(tiny_checkpoint: Path) -> None:
         "import torch\n"
         "from engine.config import EngineConfig\n"
         "from engine.llm_engine import LLMEngine\n"
-        f"LLMEngine(EngineConfig(model={str(tiny_checkpoint)!r}, load_progress=False))\n"
+        f"LLMEngine(EngineConfig(model={str(tiny_checkpoint)!r}, load_progress=False,\n"
+        "                       cache={'kv_cache_bytes': '8MiB'}))\n"  # not a quarter of the host's memory
         "print(torch.get_num_threads())\n"
     )
     env = os.environ | {"OMP_NUM_THREADS": "1"}

@@ -57,7 +57,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint: Path) -> LLM:
-    return LLM(tiny_checkpoint)
+    return LLM(tiny_checkpoint, cache={"kv_cache_bytes": "32MiB"})  # not a quarter of the host's memory
 
 
 def _params(spec: StructuredOutput | None, seed: int, **kw: Any) -> SamplingParams:
@@ -191,7 +191,8 @@ def test_bench_structured_reports_both_modes(tiny_checkpoint: Path, tmp_path: Pa
     out = tmp_path / "structured.json"
     done = subprocess.run([sys.executable, "-m", "mixtral_serve.cli", "bench", "structured", "--model",
                            str(tiny_checkpoint), "--streams", "2", "--output-len", "8", "--requests-per-stream", "1",
-                           "--rounds", "1", "--json-out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--rounds", "1", "--kv-cache-bytes", "32MiB", "--json-out", str(out)],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {row["mode"]: row for row in json.loads(out.read_text())}
     assert set(rows) == {"none", "json_schema"} and all(row["tok_s"] > 0 for row in rows.values())
