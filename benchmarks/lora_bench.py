@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from mixtral_serve.engine_flags import add_engine_flags, engine_config
+from mixtral_serve.engine_flags import COMMAND_KV_CACHE, add_engine_flags, engine_config
 
 
 class ModeResult(BaseModel):
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> list[ModeResult]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     # --model (default: the embedded tiny model), --dtype, ...; the bench sets these three itself
     add_engine_flags(p, exclude=("scheduler.max_num_seqs", "lora.max_loras", "lora.max_lora_rank"))
-    p.set_defaults(**{"cache.kv_cache_bytes": "512MiB"})  # not a quarter of the host's memory, zeroed at start
+    p.set_defaults(**COMMAND_KV_CACHE)
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--adapters", type=int, nargs="+", default=[0, 1, 4, 16], help="distinct adapters per mode")
     p.add_argument("--rank", type=int, default=16)

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from mixtral_serve.engine_flags import add_engine_flags, engine_config
+from mixtral_serve.engine_flags import COMMAND_KV_CACHE, add_engine_flags, engine_config
 
 # A record an application might ask for: free strings and a list, nothing that ends it early by design.
 SCHEMA: dict[str, Any] = {
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> list[ModeResult]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_engine_flags(p, exclude=("scheduler.max_num_seqs",))  # --model (default: the embedded tiny model), --dtype, ...
-    p.set_defaults(**{"cache.kv_cache_bytes": "512MiB"})  # not a quarter of the host's memory, zeroed at start
+    p.set_defaults(**COMMAND_KV_CACHE)
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--output-len", type=int, default=128, help="max tokens per request")
     p.add_argument("--requests-per-stream", type=int, default=4)

@@ -17,7 +17,7 @@ from engine.config import EngineConfig
 from engine.lora_adapter import TARGETS, declared_rank, write_random_adapter
 from engine.lora_request import LoRARequest
 from mixtral_serve import serve_command
-from mixtral_serve.engine_flags import add_engine_flags, engine_config, given_engine_flags
+from mixtral_serve.engine_flags import COMMAND_KV_CACHE, add_engine_flags, engine_config, given_engine_flags
 
 if TYPE_CHECKING:
     from engine.sampling_params import SamplingParams
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     add_engine_flags(p, exclude=("seed",))  # --seed below is the request's
-    p.set_defaults(**{"cache.kv_cache_bytes": "512MiB"})
+    p.set_defaults(**COMMAND_KV_CACHE)
     p.add_argument("--seed", type=int)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)

@@ -39,6 +39,12 @@ def _choices(annotation: Any) -> list[str] | None:
     return [str(v) for lit in literals for v in get_args(lit)] or None
 
 
+# A command's KV pool (generate, chat, the single-engine benchmarks) unless `--kv-cache-bytes` says
+# otherwise: EngineConfig's quarter of the free memory suits a server, and a CPU host takes seconds to
+# zero it at start.
+COMMAND_KV_CACHE = {"cache.kv_cache_bytes": "512MiB"}
+
+
 def add_engine_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
     """Adds a flag for every engine setting not in `exclude` (dests as in `_flags`)."""
     group = parser.add_argument_group("engine", "settings of engine.config.EngineConfig (README: Precision, Serving)")
