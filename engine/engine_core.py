@@ -321,6 +321,9 @@ def serve(conn: Connection) -> None:
         conn.send(EngineDeadError(f"engine loop died: {err!r}"))
     finally:
         core.engine.shutdown()
+        # Back to the collector, so the interpreter's exit frees the load's objects as usual: frozen,
+        # they outlive it, and Triton's bindings (imported by torch) print every one as a leak.
+        gc.unfreeze()
 
 
 if __name__ == "__main__":
