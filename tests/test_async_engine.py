@@ -439,8 +439,8 @@ def test_shutdown_ends_open_streams(ckpt: Path, capfd: pytest.CaptureFixture[str
                 pass
 
     run(main)
-    # The core process (its stderr is ours) exits quietly: a heap left frozen outlived the interpreter,
-    # and Triton's bindings, which torch imports, printed each of their objects in it as a leak.
+    # The core process (its stderr is ours) exits quietly: through the interpreter's teardown, Triton's
+    # bindings (which torch imports) printed each of their objects left in its frozen heap as a leak.
     assert "leaked" not in capfd.readouterr().err
 
 
