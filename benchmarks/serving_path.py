@@ -37,7 +37,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -47,6 +47,9 @@ from benchmarks.process_cpu import ProcessCpu
 from benchmarks.serve_bench import BenchConfig, run_benchmark
 from mixtral_serve.engine_flags import add_engine_flags, lay_over, tier_settings
 from mixtral_serve.ray_env import ray_env
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
 
 _BIN = Path(sys.executable).parent  # Ray's `serve` and `ray` commands, installed beside this python
 _OWN_FLAGS = ("model",)  # engine settings this command takes its own way (a checkpoint folder)
@@ -215,6 +218,22 @@ def print_table(rows: list[PathResult]) -> None:
         console.print(cpu)
 
 
+def unlike_waits(config: EngineConfig, paths: list[str]) -> str | None:
+    """A line for under the table when engine-sync waits otherwise than every other path's engine core.
+    NOTE: OpenMP reads its wait policy once, when a process starts, so only a core process of our own
+    takes `cpu_wait` (engine/engine_core.py); the synchronous engine runs in this process, with GNU's
+    default (a spin of ~3 ms, then sleep). With `sleep` on two threads that compares wait policies
+    as much as the paths (on the Intel host: AsyncEngine 0.78-0.85x at one stream, 0.96-1.00x alike)."""
+    from engine.host_cpus import step_threads
+
+    sleeps = config.cpu_wait == "sleep" and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
+    if "engine-sync" not in paths or not sleeps or step_threads(config.cpu_threads, config.tensor_parallel_size) < 2:
+        return None
+    return ("x engine-sync: engine-sync ran in this process, whose OpenMP threads spin ~3 ms before they sleep "
+            "(GNU's default); the engine cores of engine-async, serve and serve-haproxy sleep at once "
+            "(cpu_wait: sleep). --cpu-wait spin compares like with like.")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="checkpoint folder (Hugging Face layout for vLLM)")
     p.add_argument("--config", type=Path, default=configs.LOCAL,
@@ -257,5 +276,8 @@ def main(args: argparse.Namespace) -> None:
         dtype = engine_config.dtype if engine_config.dtype != "auto" else "bfloat16"
         rows += bench_vllm(args.vllm_python, args.model, dtype, args.streams, args)
     print_table(rows)
+    caveat = unlike_waits(engine_config, args.paths)
+    if caveat:
+        print(caveat)
     if args.json_out:
         args.json_out.write_text(json.dumps([r.model_dump() for r in rows], indent=2))

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from benchmarks.engine_paths import PathResult, bench_engines
-from benchmarks.serving_path import add_arguments, at_rest, print_table, served_config, vllm_openmp
+from benchmarks.serving_path import add_arguments, at_rest, print_table, served_config, unlike_waits, vllm_openmp
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.llm import LLM
@@ -104,3 +104,16 @@ def test_a_server_at_rest_is_a_level_of_zero_streams(capsys: pytest.CaptureFixtu
     cpu_rows = [[cell.strip() for cell in line.split("│")[1:4]] for line in cpu_table.splitlines()
                 if line.startswith("│ serve")]
     assert cpu_rows[0][:2] == ["serve", "at rest"] and cpu_rows[1] == ["serve", "4", "170%"]
+
+
+def test_unlike_wait_policies_are_named_under_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """engine-sync waits as this process's OpenMP does; our engine cores as `cpu_wait` says. Where the
+    two differ on more than one step thread the report says so, since the ratios then carry it."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    two = EngineConfig(cpu_threads=2)  # cpu_wait: sleep, the default
+    assert "cpu_wait: sleep" in (unlike_waits(two, ["engine-sync", "serve"]) or "")
+    assert unlike_waits(two.model_copy(update={"cpu_wait": "spin"}), ["engine-sync", "serve"]) is None
+    assert unlike_waits(EngineConfig(cpu_threads=1), ["engine-sync", "serve"]) is None  # no team to wait in
+    assert unlike_waits(two, ["engine-async", "serve"]) is None  # no engine-sync to compare with
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")  # this process sleeps at once too
+    assert unlike_waits(two, ["engine-sync", "serve"]) is None
