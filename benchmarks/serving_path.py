@@ -219,11 +219,11 @@ def print_table(rows: list[PathResult]) -> None:
 
 
 def unlike_waits(config: EngineConfig, paths: list[str]) -> str | None:
-    """A line for under the table when engine-sync waits otherwise than every other path's engine core.
+    """A line for under the table when engine-sync waits otherwise than our other paths' engine cores.
     NOTE: OpenMP reads its wait policy once, when a process starts, so only a core process of our own
     takes `cpu_wait` (engine/engine_core.py); the synchronous engine runs in this process, with GNU's
     default (a spin of ~3 ms, then sleep). With `sleep` on two threads that compares wait policies
-    as much as the paths (on the Intel host: AsyncEngine 0.78-0.85x at one stream, 0.96-1.00x alike)."""
+    as much as the paths (on the Intel host: AsyncEngine 0.70-0.85x at one stream, 0.96-1.00x alike)."""
     from engine.host_cpus import step_threads
 
     sleeps = config.cpu_wait == "sleep" and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
